@@ -1,0 +1,1 @@
+"""Stage composition: corpus ingestion into the token store, run orchestration, Slurm jobs."""

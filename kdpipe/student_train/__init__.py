@@ -1,0 +1,1 @@
+"""Student builders (LRC, plain), losses, streaming loader, trainer, checkpoints, export, eval."""

@@ -1,0 +1,11 @@
+"""Teacher backends, samplers, snapshot capture, and the teacher-cache writer and reader.
+
+The public reader API (what student training may import) is re-exported here: open a cache
+with `open_cache`, list shards, read decoded rows; `verify_cache` and `cache_stats` check
+and describe a cache.
+"""
+
+from kdpipe.teacher_cache.inspect import cache_stats, verify_cache
+from kdpipe.teacher_cache.reader import CachedBatch, CacheShard, ShardInfo, TeacherCache, open_cache
+
+__all__ = ["CacheShard", "CachedBatch", "ShardInfo", "TeacherCache", "cache_stats", "open_cache", "verify_cache"]

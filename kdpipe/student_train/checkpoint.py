@@ -1,0 +1,181 @@
+"""Training checkpoints: written atomically, read as data, never lost half-way.
+
+Layout of one checkpoint (`RUN/checkpoints/step-00001000/`):
+
+    model.safetensors     the model state (tensors only)
+    optimizer.pt          optimizer state: tensors and primitives, loads with `weights_only=True`
+    rng.pt                RNG states (name -> uint8 tensor), loads with `weights_only=True`
+    trainer_state.json    step, loader state, schedules, metrics cursor (JSON)
+
+Atomicity: everything is written (and fsync'ed) into `checkpoints/.tmp-step-{step}-{pid}`,
+which is then renamed to `step-{step}`. The rename is the completion marker: a directory
+named `step-*` is complete by construction, and a crash at any point leaves either the
+complete checkpoint or a `.tmp-*` directory that readers ignore and the next save removes.
+Old checkpoints are removed only after the new one is in place, so the latest complete
+checkpoint always survives. One writer per run directory (rank 0 of the job) is assumed:
+under FSDP the caller gathers full state dicts before calling `save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from kdpipe.schemas.errors import KdpipeError
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+_COMPLETE_NAME = re.compile(r"^step-(\d{8})$")
+_TMP_PREFIX = ".tmp-"
+
+
+class Checkpoint(NamedTuple):
+    """The four parts of a checkpoint, as loaded (tensors on CPU)."""
+
+    model_state: dict[str, Tensor]
+    optimizer_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+    rng_state: dict[str, Tensor]
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the complete checkpoint at `step` (zero-padded so names sort by step)."""
+    return f"step-{step:08d}"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (POSIX: fsync the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _safetensors_ready(model_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous tensors with no shared storage (safetensors refuses aliases, e.g. tied embeddings).
+
+    A tensor whose storage was already seen is cloned: loading the state dict back into a
+    model with tied weights assigns the same values to both names, which re-ties nothing
+    but changes nothing either.
+    """
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model_state.items():
+        t = tensor.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def _remove_tree(checkpoints: Path, victim: Path) -> None:
+    """Rename then delete, so a crash mid-delete leaves a `.tmp-*` leftover, not a partial `step-*`."""
+    doomed = checkpoints / f"{_TMP_PREFIX}delete-{victim.name}-{os.getpid()}"
+    os.rename(victim, doomed)
+    shutil.rmtree(doomed)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
+    if not checkpoints.is_dir():
+        return []
+    found = [p for p in checkpoints.iterdir() if p.is_dir() and _COMPLETE_NAME.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None; temporary and partial directories are ignored."""
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model_state: dict[str, Tensor],
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    rng_state: dict[str, Tensor],
+    keep: int = 3,
+) -> Path:
+    """Write the checkpoint of `step` atomically and keep only the newest `keep` complete ones.
+
+    If a complete checkpoint of the same step already exists (a preemption signal right
+    after a periodic save, or a save straight after resuming), it is kept and the new copy
+    discarded: training is deterministic, so both hold the same state, and a complete
+    checkpoint is never replaced by one that might not finish.
+    """
+    if keep < 1:
+        raise KdpipeError(f"checkpoint keep={keep}: keep at least 1 checkpoint")
+    if step < 0:
+        raise KdpipeError(f"checkpoint step {step} must be non-negative")
+    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoints / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+    # Leftovers of crashed saves (or of an interrupted delete) from earlier processes.
+    for leftover in checkpoints.iterdir():
+        if leftover.name.startswith(_TMP_PREFIX):
+            shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(_safetensors_ready(model_state), str(tmp / MODEL_FILE))
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        torch.save({name: t.detach().cpu() for name, t in rng_state.items()}, tmp / RNG_FILE)
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True), encoding="utf-8")
+        for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = checkpoints / checkpoint_name(step)
+    if final.exists():
+        shutil.rmtree(tmp)
+    else:
+        os.rename(tmp, final)
+        _fsync_dir(checkpoints)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        _remove_tree(checkpoints, old)
+    return final
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a complete checkpoint directory; every part is data (safetensors, JSON, weights-only pickles)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise KdpipeError(f"checkpoint {path} does not exist; pass a directory under RUN/{CHECKPOINTS_DIR}")
+    try:
+        model_state = load_file(str(path / MODEL_FILE), device="cpu")
+        optimizer_state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        rng_state = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)
+        trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, json.JSONDecodeError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KdpipeError(
+            f"checkpoint {path} is unreadable ({reason}); delete it to resume from the previous checkpoint"
+        ) from None
+    return Checkpoint(model_state, optimizer_state, trainer_state, rng_state)

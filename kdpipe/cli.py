@@ -378,3 +378,56 @@ def export_student_command(
     cfg = resolve(ExportConfig, config_file=None, flags=dict(run=run, out=out, dtype=dtype), section="export-student")
     path = export_run(cfg.run, cfg.out, dtype=cfg.dtype)
     print(f"Exported {cfg.run} to {path}: load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
+
+
+def _demo_option(name: str, flag: str) -> typer.models.OptionInfo:
+    """A demo flag whose help is the DemoConfig field's help (plus its default)."""
+    from kdpipe.schemas.demo_config import DemoConfig
+
+    default = DemoConfig.__dataclass_fields__[name].default
+    suffix = "" if default is None else f" [default: {default}]"
+    return typer.Option(None, flag, help=field_help(DemoConfig, name) + suffix)
+
+
+@app.command("demo")
+def demo_command(
+    out: Optional[Path] = _demo_option("out", "--out"),
+    teacher: Optional[Path] = _demo_option("teacher", "--teacher"),
+    corpus: Optional[str] = _demo_option("corpus", "--corpus"),
+    text_field: Optional[str] = _demo_option("text_field", "--text-field"),
+    corpus_bytes: Optional[int] = _demo_option("corpus_bytes", "--corpus-bytes"),
+    val_fraction: Optional[float] = _demo_option("val_fraction", "--val-fraction"),
+    vocab_size: Optional[int] = _demo_option("vocab_size", "--vocab-size"),
+    seq_len: Optional[int] = _demo_option("seq_len", "--seq-len"),
+    teacher_minutes: Optional[float] = _demo_option("teacher_minutes", "--teacher-minutes"),
+    teacher_max_steps: Optional[int] = _demo_option("teacher_max_steps", "--teacher-max-steps"),
+    teacher_hidden_size: Optional[int] = _demo_option("teacher_hidden_size", "--teacher-hidden-size"),
+    teacher_layers: Optional[int] = _demo_option("teacher_layers", "--teacher-layers"),
+    num_draws: Optional[int] = _demo_option("num_draws", "--num-draws"),
+    snapshot_fraction: Optional[float] = _demo_option("snapshot_fraction", "--snapshot-fraction"),
+    student_tokens: Optional[int] = _demo_option("student_tokens", "--student-tokens"),
+    student_hidden_size: Optional[int] = _demo_option("student_hidden_size", "--student-hidden-size"),
+    student_batch_size: Optional[int] = _demo_option("student_batch_size", "--student-batch-size"),
+    student_lr: Optional[float] = _demo_option("student_lr", "--student-lr"),
+    kd_alpha: Optional[float] = _demo_option("kd_alpha", "--kd-alpha"),
+    clone_weight: Optional[float] = _demo_option("clone_weight", "--clone-weight"),
+    eval_batches: Optional[int] = _demo_option("eval_batches", "--eval-batches"),
+    seed: Optional[int] = _demo_option("seed", "--seed"),
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Run the whole pipeline offline and compare LM-only, top-k KD, rs-kd KD and LRC students (a re-run resumes)."""
+    from kdpipe.pipeline.demo import run_demo
+    from kdpipe.schemas.demo_config import DemoConfig
+
+    flags = dict(
+        out=out, teacher=teacher, corpus=corpus, text_field=text_field, corpus_bytes=corpus_bytes, val_fraction=val_fraction,
+        vocab_size=vocab_size, seq_len=seq_len, teacher_minutes=teacher_minutes, teacher_max_steps=teacher_max_steps,
+        teacher_hidden_size=teacher_hidden_size, teacher_layers=teacher_layers, num_draws=num_draws,
+        snapshot_fraction=snapshot_fraction, student_tokens=student_tokens, student_hidden_size=student_hidden_size,
+        student_batch_size=student_batch_size, student_lr=student_lr, kd_alpha=kd_alpha, clone_weight=clone_weight,
+        eval_batches=eval_batches, seed=seed,
+    )
+    console = Console()
+    summary = run_demo(resolve(DemoConfig, config_file=config, flags=flags, section="demo"), console=console)
+    console.print(summary.table())
+    console.print(summary.text(), highlight=False, soft_wrap=True)

@@ -1,0 +1,155 @@
+"""`kdpipe status PATH`: how far a teacher cache or a training run has got.
+
+A cache (a directory with manifest.json) reports its shards complete and missing, and
+with `verify=True` also the complete shards whose files fail their checksums (that reads
+every byte, so it is not the default: status is meant to be polled while jobs run).
+
+A training run directory (one with run.json, see `kdpipe.student_train.run`) reports its
+last complete checkpoint, the steps that checkpoint holds against the run's planned
+`total_steps`, and the last line of metrics.jsonl. Steps done are counted from the
+checkpoint, not from the metrics: steps logged after the last checkpoint are redone (and
+their lines dropped) by a resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from kdpipe.schemas.cache_format import MANIFEST_FILE
+from kdpipe.schemas.errors import KdpipeError
+from kdpipe.student_train.checkpoint import latest_checkpoint
+from kdpipe.student_train.run import RUN_MANIFEST, read_run_manifest
+from kdpipe.student_train.trainer import METRICS_FILE
+from kdpipe.teacher_cache import open_cache, verify_cache
+
+_TAIL_BYTES = 1 << 16  # enough for the last metrics line
+
+
+class CacheStatus(NamedTuple):
+    """Shards of a teacher cache, by name (split/index)."""
+
+    path: Path
+    num_shards: int
+    complete: list[str]
+    missing: list[str]  # not complete: not started, being written, or interrupted
+    bad: list[str] | None  # "name (reason)" of complete shards failing their checksums; None when not verified
+
+    def problem(self) -> str | None:
+        """Why the cache is not ready for training, or None."""
+        issues = []
+        if self.missing:
+            issues.append(f"{len(self.missing)} missing ({_names(self.missing)})")
+        if self.bad:
+            issues.append(f"{len(self.bad)} bad ({_names(self.bad)})")
+        if not issues:
+            return None
+        return (
+            f"cache {self.path} is not complete: {' and '.join(issues)} of {self.num_shards} shards; "
+            "re-run cache-teacher (or re-submit the array) to finish it, with --repair for bad shards"
+        )
+
+    def text(self) -> str:
+        bad = "not checked (use --verify)" if self.bad is None else str(len(self.bad))
+        lines = [f"cache {self.path}: {self.num_shards} shards: {len(self.complete)} complete, {len(self.missing)} missing, bad: {bad}"]
+        if self.missing:
+            lines.append(f"  missing: {_names(self.missing, limit=20)}")
+        if self.bad:
+            lines.append(f"  bad: {_names(self.bad, limit=20)}")
+        return "\n".join(lines)
+
+
+class RunStatus(NamedTuple):
+    """Progress of a training run directory."""
+
+    path: Path
+    checkpoint: Path | None
+    steps_done: int  # held by the last complete checkpoint (0 without one)
+    planned_steps: int
+    last_metrics: dict[str, Any] | None
+
+    def problem(self) -> str | None:
+        """Why the run is not finished, or None."""
+        if self.steps_done < self.planned_steps:
+            return f"run {self.path} is not finished: {self.steps_done} of {self.planned_steps} steps checkpointed; resume it with --resume"
+        return None
+
+    def text(self) -> str:
+        lines = [f"run {self.path}"]
+        if self.checkpoint is None:
+            lines.append("  last checkpoint: none yet")
+        else:
+            lines.append(f"  last checkpoint: step {self.steps_done} ({self.checkpoint.relative_to(self.path)})")
+        percent = 100.0 * self.steps_done / self.planned_steps
+        lines.append(f"  progress: {self.steps_done} of {self.planned_steps} steps checkpointed ({percent:.1f}%)")
+        metrics = "none yet" if self.last_metrics is None else json.dumps(self.last_metrics, sort_keys=True)
+        lines.append(f"  last metrics: {metrics}")
+        return "\n".join(lines)
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def status(path: Path, *, verify: bool = False) -> CacheStatus | RunStatus:
+    """The status of a teacher cache or a training run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise KdpipeError(f"{path} does not exist; give a teacher cache or a training run directory")
+    if (path / MANIFEST_FILE).is_file():
+        return cache_status(path, verify=verify)
+    if (path / RUN_MANIFEST).is_file():
+        return run_status(path)
+    raise KdpipeError(f"{path} is neither a teacher cache (no {MANIFEST_FILE}) nor a train-student run (no {RUN_MANIFEST})")
+
+
+def cache_status(path: Path, *, verify: bool = False) -> CacheStatus:
+    """Complete and missing shards from the completion records; bad ones too when `verify` (reads every byte)."""
+    if verify:
+        report = verify_cache(path)
+        return CacheStatus(
+            path=Path(path),
+            num_shards=len(report.shards),
+            complete=[v.name for v in report.shards if v.status == "ok"],
+            missing=[v.name for v in report.shards if v.status in ("missing", "partial")],
+            bad=[f"{v.name} ({v.reason})" for v in report.bad],
+        )
+    cache = open_cache(path)
+    shards = [info for split in cache.splits for info in cache.shards(split)]
+    return CacheStatus(
+        path=Path(path),
+        num_shards=len(shards),
+        complete=[f"{s.split}/{s.index:05d}" for s in shards if s.complete],
+        missing=[f"{s.split}/{s.index:05d}" for s in shards if not s.complete],
+        bad=None,
+    )
+
+
+def run_status(path: Path) -> RunStatus:
+    """Last checkpoint, steps checkpointed vs planned, and the last metrics line of a run directory."""
+    path = Path(path)
+    planned_steps = int(read_run_manifest(path)["total_steps"])
+    checkpoint = latest_checkpoint(path)
+    # Complete checkpoints are named step-{step:08d} after the steps they hold (kdpipe.student_train.checkpoint).
+    steps_done = int(checkpoint.name.split("-", 1)[1]) if checkpoint is not None else 0
+    return RunStatus(path, checkpoint, steps_done, planned_steps, _last_metrics(path / METRICS_FILE))
+
+
+def _last_metrics(metrics_path: Path) -> dict[str, Any] | None:
+    """The last complete JSON line (a crash can leave a torn last line, which is skipped)."""
+    if not metrics_path.is_file():
+        return None
+    with open(metrics_path, "rb") as handle:
+        handle.seek(0, 2)
+        size = handle.tell()
+        handle.seek(max(0, size - _TAIL_BYTES))
+        tail = handle.read().decode("utf-8", errors="replace")
+    for line in reversed(tail.splitlines()):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            return record
+    return None

@@ -84,7 +84,7 @@ class TrainStudentConfig:
         "auto", "auto: cuda if available (one GPU per rank, by LOCAL_RANK), else cpu."
     )
     parallelism: Literal["ddp", "fsdp"] = option(
-        "ddp", "Under torchrun: ddp, or fsdp (FSDP2 fully_shard, GPUs only) to shard weights and optimizer state."
+        "ddp", "Under torchrun: ddp, or fsdp (FSDP2 fully_shard) to shard weights, gradients and optimizer state."
     )
     resume: bool = option(False, "Continue the run in --out from its latest complete checkpoint (starts afresh if it has none).")
 

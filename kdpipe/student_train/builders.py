@@ -1,0 +1,170 @@
+"""Build the student a run trains, from its config and the teacher cache's manifest.
+
+Both kinds present one interface to the trainer: `forward(input_ids_BT,
+capture_positions_BK=None) -> LRCOutput` (final hidden states, no LM head, so that the
+losses can apply the head in position chunks) and `lm_head_weight()`; `lm_head_bias`
+below gives the head's bias where a plain architecture has one.
+
+- `lrc`: the teacher named in the manifest is loaded and checked against the manifest's
+  config and weights hashes (a teacher that changed since caching would make the cached
+  targets and snapshots lie about it), then wrapped by `LRCStudent`.
+- `plain`: any causal-LM config from a JSON file, randomly initialised; its vocabulary
+  must cover every id the cache can hold (the teacher's LM-head rows).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.utils import logging as hf_logging
+
+from kdpipe.schemas.cache_format import CacheManifest
+from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.train_config import TrainStudentConfig
+from kdpipe.student_train.lrc import LRCOutput, LRCSpec, LRCStudent
+
+# The teacher fingerprint must be computed exactly as `cache-teacher` computed it, so the
+# loader that produced the manifest's hashes is used (it is not part of the reader API).
+from kdpipe.teacher_cache.backend import TeacherModel
+
+
+class PlainStudent(nn.Module):
+    """A Hugging Face causal LM behind the LRC student's interface (no clone activations)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, input_ids_BT: Tensor, *, capture_positions_BK: Tensor | None = None) -> LRCOutput:
+        assert capture_positions_BK is None, "a plain student has no clone activations"
+        out = self.model.get_decoder()(input_ids=input_ids_BT, use_cache=False)
+        return LRCOutput(hidden=out.last_hidden_state, activations={})  # (B, T, D)
+
+    def lm_head_weight(self) -> Tensor:
+        return self.model.get_output_embeddings().weight  # (V, D)
+
+    def lm_head_bias(self) -> Tensor | None:
+        return self.model.get_output_embeddings().bias
+
+    def blocks(self) -> list[nn.Module]:
+        """The decoder blocks: the longest module list under the decoder, whatever it is called."""
+        lists = [m for m in self.model.get_decoder().modules() if isinstance(m, nn.ModuleList)]
+        return list(max(lists, key=len)) if lists else []
+
+
+Student = LRCStudent | PlainStudent
+
+
+def lm_head_bias(student: Student) -> Tensor | None:
+    """The LM head's bias, if the architecture has one (LRC teachers' heads have none)."""
+    return student.lm_head_bias() if isinstance(student, PlainStudent) else None
+
+
+def build_student(config: TrainStudentConfig, manifest: CacheManifest, *, device: torch.device) -> Student:
+    """The student of `config`, initialised from `config.seed`, on `device`."""
+    if config.clone_weight > 0 and not manifest.snapshot.layers:
+        raise KdpipeError(
+            f"cache {config.cache} has no FFN snapshots, which --clone-weight > 0 needs; use a cache made with "
+            "--snapshot-layers or set --clone-weight 0"
+        )
+    torch.manual_seed(config.seed)
+    if config.student == "lrc":
+        teacher = load_teacher(manifest, device=device)
+        assert config.hidden_size is not None
+        spec = LRCSpec(
+            hidden_size=config.hidden_size,
+            init=config.lrc_init,
+            init_std=config.init_std,
+            tie_embeddings=config.tie_embeddings,
+        )
+        student = LRCStudent(teacher, spec)
+        if config.clone_weight > 0:
+            student.capture_layers = manifest.snapshot.layers
+        return student
+    assert config.student_config is not None
+    return build_plain(read_student_config(config.student_config), manifest).to(device)
+
+
+def load_teacher(manifest: CacheManifest, *, device: torch.device) -> PreTrainedModel:
+    """The cache's teacher, frozen, refused if it is not the teacher the cache was made from."""
+    path = Path(manifest.teacher.path)
+    if not path.is_dir():
+        raise KdpipeError(
+            f"teacher directory {path} named in the cache manifest does not exist; put the teacher back there "
+            "(or train a plain student)"
+        )
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    # Without transformers' "Loading weights" bar: a stray tqdm line on stderr would break
+    # the one-line error of the hash check below.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        teacher = TeacherModel.load(path, device=str(device), dtype=dtype)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    expected = manifest.teacher
+    for what, found, recorded in (
+        ("weights", teacher.info.weights_hash, expected.weights_hash),
+        ("config", teacher.info.config_hash, expected.config_hash),
+    ):
+        if found != recorded:
+            raise KdpipeError(
+                f"teacher {path} is not the teacher of this cache (its {what} hash is {found}, the cache records "
+                f"{recorded}); restore that teacher or cache this one with `kdpipe cache-teacher`"
+            )
+    return teacher.model
+
+
+def read_student_config(path: Path) -> PretrainedConfig:
+    """A Hugging Face causal-LM config from a config.json file (or a directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise KdpipeError(f"student config {path} does not exist; pass a Hugging Face config.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise KdpipeError(f"student config {path} is not valid JSON ({err.msg}); fix the file") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise KdpipeError(f"student config {path} has no model_type; write a Hugging Face config.json such as a model's own")
+    model_type = data.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise KdpipeError(f"student config {path}: transformers cannot build a {model_type!r} config ({first})") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise KdpipeError(f"student config {path}: {model_type!r} is not a causal language model; use a decoder-only architecture")
+    return config
+
+
+def build_plain(config: PretrainedConfig, manifest: CacheManifest) -> PlainStudent:
+    """A randomly initialised plain student (fp32 master weights), checked against the cache."""
+    text_config = config.get_text_config()
+    if getattr(text_config, "final_logit_softcapping", None):
+        raise KdpipeError(
+            f"plain student {config.model_type} caps its logits (final_logit_softcapping), which the chunked KD/LM loss "
+            "does not apply; set final_logit_softcapping to null in the student config"
+        )
+    seq_len = manifest.token_store.seq_len
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    if max_positions is not None and max_positions < seq_len:
+        raise KdpipeError(
+            f"plain student max_position_embeddings {max_positions} is below the cache's sequence length {seq_len}; raise it"
+        )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if vocab < manifest.teacher.vocab_size:
+        raise KdpipeError(
+            f"plain student vocabulary has {vocab} ids but the cache's teacher has {manifest.teacher.vocab_size} "
+            "(cached targets use them all); set vocab_size >= that in the student config and use the teacher's tokenizer"
+        )
+    return PlainStudent(model)

@@ -1,0 +1,1 @@
+"""Multi-process tests: torchrun with the gloo backend on CPU."""

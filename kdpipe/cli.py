@@ -413,6 +413,7 @@ def demo_command(
     clone_weight: Optional[float] = _demo_option("clone_weight", "--clone-weight"),
     eval_batches: Optional[int] = _demo_option("eval_batches", "--eval-batches"),
     seed: Optional[int] = _demo_option("seed", "--seed"),
+    threads: Optional[int] = _demo_option("threads", "--threads"),
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Run the whole pipeline offline and compare LM-only, top-k KD, rs-kd KD and LRC students (a re-run resumes)."""
@@ -425,7 +426,7 @@ def demo_command(
         teacher_hidden_size=teacher_hidden_size, teacher_layers=teacher_layers, num_draws=num_draws,
         snapshot_fraction=snapshot_fraction, student_tokens=student_tokens, student_hidden_size=student_hidden_size,
         student_batch_size=student_batch_size, student_lr=student_lr, kd_alpha=kd_alpha, clone_weight=clone_weight,
-        eval_batches=eval_batches, seed=seed,
+        eval_batches=eval_batches, seed=seed, threads=threads,
     )
     console = Console()
     summary = run_demo(resolve(DemoConfig, config_file=config, flags=flags, section="demo"), console=console)

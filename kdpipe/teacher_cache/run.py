@@ -261,9 +261,13 @@ class BatchEncoder:
 def _write_config(config: CacheTeacherConfig, out: Path) -> None:
     """CACHE/config.yaml: the options that decide the cache, re-loadable with --config to resume it.
 
-    Task slot and one-off actions are left out, so every task of an array writes the same file.
+    Task slot and one-off actions are left out, so every task of an array writes the same file;
+    paths are made absolute so the file works from any directory.
     """
-    shared = dataclasses.replace(config, shard_index=None, num_shards=None, overwrite=False, repair=False, dry_run=False)
+    shared = dataclasses.replace(
+        config, teacher=Path(config.teacher).resolve(), tokens=Path(config.tokens).resolve(), out=out.resolve(),
+        shard_index=None, num_shards=None, overwrite=False, repair=False, dry_run=False,
+    )  # fmt: skip
     tmp = out / f"{cf.TMP_PREFIX}{cf.CONFIG_FILE}-{os.getpid()}"
     write_resolved(shared, tmp)
     os.replace(tmp, out / cf.CONFIG_FILE)

@@ -29,5 +29,8 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
 
+demo: install
+	$(PY) -m kdpipe demo $(DEMO_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

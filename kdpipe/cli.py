@@ -428,7 +428,7 @@ def demo_command(
         student_batch_size=student_batch_size, student_lr=student_lr, kd_alpha=kd_alpha, clone_weight=clone_weight,
         eval_batches=eval_batches, seed=seed, threads=threads,
     )
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=120)  # a log file gets the whole table
     summary = run_demo(resolve(DemoConfig, config_file=config, flags=flags, section="demo"), console=console)
     console.print(summary.table())
     console.print(summary.text(), highlight=False, soft_wrap=True)

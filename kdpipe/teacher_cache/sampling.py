@@ -10,7 +10,8 @@ Three modes, from the papers in DESIGN.md:
 
 Every function takes one chunk of positions `(P, V)`; the caller computes logits in position
 chunks so that a full `(B, T, V)` fp32 tensor never exists. Peak extra memory is about
-16 bytes per logit (fp32 probabilities plus a float64 CDF, or an int64 sort key).
+16 bytes per logit for the top-k modes (fp32 probabilities plus an int64 sort key) and about
+8 for RS-KD (fp32 probabilities plus fp32 block sums; its float64 CDFs are per block).
 
 RS-KD randomness is counter-based (Philox4x32-10, Salmon et al. 2011, the generator behind
 cuRAND and torch's CUDA RNG): the uniform for draw j at a position is a pure function of
@@ -31,6 +32,8 @@ _PHILOX_M1 = 0xCD9E8D57
 _PHILOX_W0 = 0x9E3779B9
 _PHILOX_W1 = 0xBB67AE85
 _PHILOX_ROUNDS = 10
+# Ids per block of the two-level RS-KD CDF: a power of two, for the pairwise block sums.
+_CDF_BLOCK = 64
 
 
 class SparseTargets(NamedTuple):
@@ -122,6 +125,64 @@ def _teacher_probs(logits_PV: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits_PV.float() / temperature, dim=-1)
 
 
+def _block_sums(blocks_PnB: torch.Tensor) -> torch.Tensor:
+    """Sums of fp32 probability blocks → (P, n) fp32, by a pairwise tree in a fixed order.
+
+    Converting the whole (P, V) chunk to float64 is what made the sampler slow, so block
+    sums stay in fp32. The tree is made of elementwise adds only, so a row's sums do not
+    depend on the chunk shape, the SIMD width or the device, as a reduction kernel's may.
+    Each sum carries at most log2(block) fp32 roundings: relative error below 4.2e-7.
+    """
+    sums = blocks_PnB
+    while sums.shape[-1] > 1:
+        half = sums.shape[-1] // 2
+        sums = sums[..., :half] + sums[..., half:]
+    return sums.squeeze(-1)
+
+
+def _inverse_cdf(probs_PV: torch.Tensor, uniforms_PN: torch.Tensor) -> torch.Tensor:
+    """Ids drawn from the rows of `probs_PV` by inverse CDF at `uniforms_PN` → (P, N) int64.
+
+    Two levels, so that no float64 (P, V) tensor exists: a float64 CDF over the fp32 sums of
+    blocks of `_CDF_BLOCK` ids picks the block, then a float64 CDF inside that block alone
+    picks the id, with the residual uniform rescaled to the in-block total. Given the block
+    the draw is exact inverse-CDF sampling; a block's weight carries the fp32 error of its
+    sum (< 4.2e-7 relative, the size of the fp32 softmax's own rounding). The ids drawn for a
+    given uniform can differ from a single float64 CDF over the row, since the sums differ.
+    """
+    num_positions, vocab_size = probs_PV.shape
+    num_full = vocab_size // _CDF_BLOCK
+    tail_PB = probs_PV.new_zeros(num_positions, _CDF_BLOCK)  # last block, zero-padded past V
+    tail_PB[:, : vocab_size - num_full * _CDF_BLOCK] = probs_PV[:, num_full * _CDF_BLOCK :]
+    full_PnB = probs_PV[:, : num_full * _CDF_BLOCK].reshape(num_positions, num_full, _CDF_BLOCK)
+    block_mass_Pn = torch.cat([_block_sums(full_PnB), _block_sums(tail_PB[:, None, :])], dim=1)
+    block_cdf_Pn = torch.cumsum(block_mass_Pn, dim=-1, dtype=torch.float64)  # (P, n + 1)
+    total_P1 = block_cdf_Pn[:, -1:].contiguous()  # (P, 1)
+    targets_PN = uniforms_PN * total_P1  # (P, N)
+    # right=True returns the first block whose CDF exceeds the target, so a block (or, below,
+    # an id) whose interval is empty (zero probability) is never drawn. u * total can round
+    # up to total; such draws go to the last block with mass, the first to reach the total.
+    block_PN = torch.searchsorted(block_cdf_Pn, targets_PN, right=True)
+    last_block_P1 = torch.searchsorted(block_cdf_Pn, total_P1, right=False)
+    block_PN = torch.minimum(block_PN, last_block_P1)
+    block_start_Pn = torch.nn.functional.pad(block_cdf_Pn[:, :-1], (1, 0))  # (P, n + 1)
+    # Fraction of the chosen block's mass below the target, in [0, 1) up to rounding.
+    fraction_PN = (targets_PN - block_start_Pn.gather(1, block_PN)) / block_mass_Pn.gather(1, block_PN)
+
+    block_probs_PNB = tail_PB[:, None, :].expand(-1, block_PN.shape[1], -1)  # (P, N, B)
+    if num_full > 0:
+        rows_P1 = torch.arange(num_positions, device=probs_PV.device)[:, None]
+        from_full_PNB = full_PnB[rows_P1, block_PN.clamp(max=num_full - 1)]  # (P, N, B)
+        block_probs_PNB = torch.where((block_PN < num_full)[..., None], from_full_PNB, block_probs_PNB)
+    block_cdf_PNB = torch.cumsum(block_probs_PNB, dim=-1, dtype=torch.float64)  # (P, N, B)
+    in_block_total_PN1 = block_cdf_PNB[..., -1:].contiguous()
+    offset_PN1 = torch.searchsorted(block_cdf_PNB, fraction_PN[..., None] * in_block_total_PN1, right=True)
+    # A fraction that rounds to 1 goes to the block's last id with mass, as at the top level.
+    last_offset_PN1 = torch.searchsorted(block_cdf_PNB, in_block_total_PN1, right=False)
+    offset_PN = torch.minimum(offset_PN1, last_offset_PN1).squeeze(-1)
+    return block_PN * _CDF_BLOCK + offset_PN
+
+
 def sample_rs_kd(
     logits_PV: torch.Tensor,
     *,
@@ -134,9 +195,10 @@ def sample_rs_kd(
 ) -> SparseTargets:
     """RS-KD targets: unique ids of N draws from softmax(z/τ) with their counts.
 
-    Inverse-CDF sampling: one float64 cumulative sum per row and a `searchsorted` of the N
-    keyed uniforms, so no (N, V) random tensor ever exists. Row r of the result depends only
-    on `logits_PV[r]` and its key `(seed, stream, seq_index[r], position[r])`.
+    Inverse-CDF sampling with a two-level float64 CDF (see `_inverse_cdf`) at the N keyed
+    uniforms, so no (N, V) random tensor and no float64 (P, V) tensor ever exist. Row r of
+    the result depends only on `logits_PV[r]` and its key `(seed, stream, seq_index[r],
+    position[r])`.
     """
     _check_logits(logits_PV, temperature)
     if num_draws < 1:
@@ -144,19 +206,10 @@ def sample_rs_kd(
     num_positions = logits_PV.shape[0]
     assert seq_index.shape == (num_positions,) and position.shape == (num_positions,)
     probs_PV = _teacher_probs(logits_PV, temperature)  # (P, V) float32
-    cdf_PV = torch.cumsum(probs_PV, dim=-1, dtype=torch.float64)  # (P, V)
-    total_P1 = cdf_PV[:, -1:].contiguous()  # (P, 1)
     uniforms_PN = counter_uniforms(
         seed, stream, seq_index.to(logits_PV.device), position.to(logits_PV.device), num_draws
     )
-    # right=True returns the first id whose CDF exceeds the target, so an id whose interval
-    # [cdf[i-1], cdf[i]) is empty (zero probability) is never drawn.
-    draws_PN = torch.searchsorted(cdf_PV, uniforms_PN * total_P1, right=True)  # (P, N)
-    # u * total can round up to total, giving index V; clamp to the last id with a non-empty
-    # interval, which is the first index where the CDF reaches its total.
-    last_id_P1 = torch.searchsorted(cdf_PV, total_P1, right=False)  # (P, 1)
-    draws_PN = torch.minimum(draws_PN, last_id_P1)
-    del cdf_PV
+    draws_PN = _inverse_cdf(probs_PV, uniforms_PN)  # (P, N)
 
     sorted_PN, _ = torch.sort(draws_PN, dim=-1)  # (P, N)
     run_start_PN = torch.ones_like(sorted_PN, dtype=torch.bool)

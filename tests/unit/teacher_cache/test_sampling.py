@@ -6,6 +6,7 @@ import torch
 
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.teacher_cache.sampling import (
+    _CDF_BLOCK,
     _philox4x32_10,
     counter_uniforms,
     sample_rs_kd,
@@ -255,3 +256,26 @@ def test_cuda_matches_cpu():
     top_cuda = select_top_p_k(logits.cuda(), p=0.9, k=30, temperature=1.0, ghost=True)
     assert torch.equal(top_cuda.ids.cpu(), top_cpu.ids)
     torch.testing.assert_close(top_cuda.values.cpu(), top_cpu.values)
+
+
+def test_rs_kd_is_unbiased_across_cdf_blocks():
+    """The two-level CDF (block, then id in block) samples a vocab spanning several full
+    blocks, a partial last block and a zero-probability block without bias.
+
+    Same Bernstein bound as above: alpha = 1e-6 for all ids together.
+    """
+    vocab_size, num_positions, num_draws, alpha = 3 * _CDF_BLOCK + 17, 4000, 50, 1e-6
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(vocab_size, generator=generator) * 2
+    logits[_CDF_BLOCK : 2 * _CDF_BLOCK] = float("-inf")  # a whole block with no mass
+    logits[5::7] = float("-inf")  # zero-probability ids between ones with mass
+    probs = softmax64(logits[None], 1.0)[0]
+    targets = rs_kd(logits.expand(num_positions, vocab_size), torch.arange(num_positions), num_draws=num_draws)
+    pooled = np.bincount(targets.ids.numpy(), weights=targets.values.numpy(), minlength=vocab_size)
+    num_samples = num_positions * num_draws
+    assert pooled.sum() == num_samples and np.all(pooled[probs == 0] == 0)
+    log_term = np.log(2 * vocab_size / alpha)
+    variance = num_samples * probs * (1 - probs)
+    tolerance = log_term / 3 + np.sqrt(log_term**2 / 9 + 2 * log_term * variance)
+    deviation = np.abs(pooled - num_samples * probs)
+    assert np.all(deviation < tolerance), deviation / tolerance

@@ -30,7 +30,7 @@ from kdpipe.student_train.lrc import LRCOutput, LRCSpec, LRCStudent
 
 # The teacher fingerprint must be computed exactly as `cache-teacher` computed it, so the
 # loader that produced the manifest's hashes is used (it is not part of the reader API).
-from kdpipe.teacher_cache.backend import TeacherModel
+from kdpipe.teacher_cache import TeacherModel
 
 
 class PlainStudent(nn.Module):

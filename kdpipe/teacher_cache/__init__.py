@@ -2,10 +2,21 @@
 
 The public reader API (what student training may import) is re-exported here: open a cache
 with `open_cache`, list shards, read decoded rows; `verify_cache` and `cache_stats` check
-and describe a cache.
+and describe a cache. `TeacherModel` loads the teacher a cache names the way the cache did
+(same hashes), for students built from its frozen weights.
 """
 
+from kdpipe.teacher_cache.backend import TeacherModel
 from kdpipe.teacher_cache.inspect import cache_stats, verify_cache
 from kdpipe.teacher_cache.reader import CachedBatch, CacheShard, ShardInfo, TeacherCache, open_cache
 
-__all__ = ["CacheShard", "CachedBatch", "ShardInfo", "TeacherCache", "cache_stats", "open_cache", "verify_cache"]
+__all__ = [
+    "CacheShard",
+    "CachedBatch",
+    "ShardInfo",
+    "TeacherCache",
+    "TeacherModel",
+    "cache_stats",
+    "open_cache",
+    "verify_cache",
+]

@@ -6,6 +6,7 @@ calls one library function. User mistakes surface as one line on stderr and exit
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -361,7 +362,8 @@ def train_student_command(
         seed=seed, num_workers=num_workers, device=device, parallelism=parallelism, resume=resume,
     )
     summary = train_student(resolve(TrainStudentConfig, config_file=config, flags=flags, section="train-student"))
-    Console(stderr=summary.preempted).print(summary.describe(), highlight=False, soft_wrap=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank returns the same summary
+        Console(stderr=summary.preempted).print(summary.describe(), highlight=False, soft_wrap=True)
     if summary.preempted:
         raise typer.Exit(PREEMPTED_EXIT_CODE)
 

@@ -3,10 +3,12 @@
 The public reader API (what student training may import) is re-exported here: open a cache
 with `open_cache`, list shards, read decoded rows; `verify_cache` and `cache_stats` check
 and describe a cache. `TeacherModel` loads the teacher a cache names the way the cache did
-(same hashes), for students built from its frozen weights.
+(same hashes), for students built from its frozen weights; it is imported on first use,
+so reading or verifying a cache does not pay for importing transformers.
 """
 
-from kdpipe.teacher_cache.backend import TeacherModel
+from typing import Any
+
 from kdpipe.teacher_cache.inspect import cache_stats, verify_cache
 from kdpipe.teacher_cache.reader import CachedBatch, CacheShard, ShardInfo, TeacherCache, open_cache
 
@@ -20,3 +22,11 @@ __all__ = [
     "open_cache",
     "verify_cache",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TeacherModel":
+        from kdpipe.teacher_cache.backend import TeacherModel
+
+        return TeacherModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

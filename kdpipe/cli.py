@@ -249,6 +249,7 @@ def slurm_train_student_command(
     nodes: Optional[int] = typer.Option(None, "--nodes", help=field_help(SlurmTrainConfig, "nodes") + " [default: 1]"),
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node", help=field_help(SlurmTrainConfig, "gpus_per_node") + " [default: 0]"),
     procs_per_node: Optional[int] = typer.Option(None, "--procs-per-node", help=field_help(SlurmTrainConfig, "procs_per_node")),
+    after: Optional[str] = typer.Option(None, "--after", help=field_help(SlurmTrainConfig, "after")),
     signal_seconds: Optional[int] = typer.Option(None, "--signal-seconds", help=field_help(SlurmTrainConfig, "signal_seconds") + " [default: 300]"),
     partition: Optional[str] = _Partition,
     account: Optional[str] = _Account,
@@ -266,7 +267,7 @@ def slurm_train_student_command(
     args = list(train_args or [])
     _stage_params("train-student", args)
     flags = dict(
-        nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node, signal_seconds=signal_seconds,
+        nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node, after=after, signal_seconds=signal_seconds,
         partition=partition, account=account, time=time, cpus_per_task=cpus_per_task, mem=mem, job_name=job_name,
         log_dir=log_dir, env_setup=env_setup, submit=submit,
     )

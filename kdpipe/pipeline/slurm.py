@@ -144,6 +144,8 @@ def render_train(config: SlurmTrainConfig, train_args: Sequence[str], workdir: P
     extra = [f"#SBATCH --nodes={config.nodes}", "#SBATCH --ntasks-per-node=1"]
     if config.gpus_per_node:
         extra.append(f"#SBATCH --gpus-per-node={config.gpus_per_node}")
+    if config.after is not None:
+        extra.append(f"#SBATCH --dependency=afterok:{config.after}")
     extra += ["#SBATCH --requeue", f"#SBATCH --signal=B:{PREEMPT_SIGNAL}@{config.signal_seconds}", "#SBATCH --open-mode=append"]
     directives[1:1] = extra
     # Since Slurm 22.05 srun no longer inherits --cpus-per-task from the batch allocation.

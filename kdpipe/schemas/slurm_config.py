@@ -82,6 +82,11 @@ class SlurmTrainConfig(SlurmJobConfig):
     procs_per_node: int | None = option(
         None, "Training processes per node (torchrun --nproc-per-node); default gpus_per_node, required on CPU."
     )
+    after: str | None = option(
+        None,
+        "Start only once this job id has completed successfully (sbatch --dependency=afterok:ID), e.g. the "
+        "finalize job `kdpipe slurm cache-teacher --submit` printed, so students start on a verified cache.",
+    )
     signal_seconds: int = option(
         300,
         "Seconds before the time limit at which Slurm sends USR1: the trainer checkpoints, the job requeues "
@@ -96,6 +101,8 @@ class SlurmTrainConfig(SlurmJobConfig):
             raise KdpipeError(f"slurm option gpus_per_node={self.gpus_per_node} must be >= 0")
         if self.procs_per_node is None and self.gpus_per_node == 0:
             raise KdpipeError("slurm train-student without GPUs needs --procs-per-node (training processes per node)")
+        if self.after is not None and not re.fullmatch(r"\d+(_\d+)?", self.after):
+            raise KdpipeError(f"slurm option after={self.after!r} is not a Slurm job id: give the number sbatch printed")
         if self.procs_per_node is not None and self.procs_per_node < 1:
             raise KdpipeError(f"slurm option procs_per_node={self.procs_per_node} must be >= 1")
         if self.signal_seconds < 1:

@@ -211,6 +211,12 @@ def _run_train_script(tmp_path: Path, fake_bin: Path, restart_count: int, preemp
     return proc.returncode, _calls(calls), launches.read_text(), scontrol.read_text() if scontrol.exists() else ""
 
 
+def test_train_after_a_job_waits_for_its_success(tmp_path: Path) -> None:
+    directives = _sbatch_directives(render_train(SlurmTrainConfig(procs_per_node=2, after="4242"), TRAIN_ARGS, tmp_path).text)
+    assert "--dependency=afterok:4242" in directives
+    assert not any("--dependency" in d for d in _sbatch_directives(render_train(SlurmTrainConfig(procs_per_node=2), TRAIN_ARGS, tmp_path).text))
+
+
 def test_train_preemption_forwards_usr1_and_requeues(tmp_path: Path, fake_bin: Path) -> None:
     status, calls, launches, scontrol = _run_train_script(tmp_path, fake_bin, restart_count=0, preempt=True)
     assert calls == [{"argv": ["train-student", *TRAIN_ARGS]}, {"event": "preempted"}]  # no --resume on the first run
@@ -282,6 +288,7 @@ def test_cli_train_student_renders(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         (SlurmCacheConfig, dict(tasks=2, mem="lots"), "not a Slurm memory size"),
         (SlurmTrainConfig, dict(), "--procs-per-node"),
         (SlurmTrainConfig, dict(gpus_per_node=8, nodes=0), "nodes=0"),
+        (SlurmTrainConfig, dict(procs_per_node=2, after="afterok:12"), "not a Slurm job id"),
     ],
 )
 def test_config_mistakes_are_named(cls: type, options: dict, message: str) -> None:

@@ -12,8 +12,11 @@ which is then renamed to `step-{step}`. The rename is the completion marker: a d
 named `step-*` is complete by construction, and a crash at any point leaves either the
 complete checkpoint or a `.tmp-*` directory that readers ignore and the next save removes.
 Old checkpoints are removed only after the new one is in place, so the latest complete
-checkpoint always survives. One writer per run directory (rank 0 of the job) is assumed:
-under FSDP the caller gathers full state dicts before calling `save_checkpoint`.
+checkpoint always survives. A crash after the last save's rename leaves what that save had
+yet to remove (one checkpoint too many, a `.tmp-*` leftover): a resumed run removes it with
+`prune_checkpoints` even when it has no step left to train and so never saves. One writer
+per run directory (rank 0 of the job) is assumed: under FSDP the caller gathers full state
+dicts before calling `save_checkpoint`.
 """
 
 from __future__ import annotations
@@ -97,6 +100,30 @@ def _remove_tree(checkpoints: Path, victim: Path) -> None:
     shutil.rmtree(doomed)
 
 
+def _remove_leftovers(checkpoints: Path) -> None:
+    """Delete the `.tmp-*` leftovers of crashed saves and interrupted deletes."""
+    for leftover in checkpoints.iterdir():
+        if leftover.name.startswith(_TMP_PREFIX):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def prune_checkpoints(run_dir: Path, *, keep: int) -> None:
+    """Remove crash leftovers and all but the newest `keep` complete checkpoints of a run.
+
+    Only the run's one writer may call this (a reader running beside it, e.g. an export,
+    could delete a save in progress), and only once it has loaded the newest checkpoint:
+    with a smaller `keep`, an unreadable newest one must still leave its predecessor.
+    """
+    if keep < 1:
+        raise KdpipeError(f"checkpoint keep={keep}: keep at least 1 checkpoint")
+    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
+    if not checkpoints.is_dir():
+        return
+    _remove_leftovers(checkpoints)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        _remove_tree(checkpoints, old)
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     checkpoints = Path(run_dir) / CHECKPOINTS_DIR
@@ -136,10 +163,7 @@ def save_checkpoint(
     checkpoints = Path(run_dir) / CHECKPOINTS_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
     tmp = checkpoints / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
-    # Leftovers of crashed saves (or of an interrupted delete) from earlier processes.
-    for leftover in checkpoints.iterdir():
-        if leftover.name.startswith(_TMP_PREFIX):
-            shutil.rmtree(leftover, ignore_errors=True)
+    _remove_leftovers(checkpoints)  # of earlier processes: free their space before writing
     tmp.mkdir()
     try:
         save_file(_safetensors_ready(model_state), str(tmp / MODEL_FILE))
@@ -158,8 +182,7 @@ def save_checkpoint(
     else:
         os.rename(tmp, final)
         _fsync_dir(checkpoints)
-    for old in complete_checkpoints(run_dir)[:-keep]:
-        _remove_tree(checkpoints, old)
+    prune_checkpoints(run_dir, keep=keep)
     return final
 
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.student_train.builders import Student, lm_head_bias
-from kdpipe.student_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdpipe.student_train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from kdpipe.student_train.clone_loss import clone_loss_terms
 from kdpipe.student_train.loader import StudentBatch
 from kdpipe.student_train.losses import SparseTargetBatch, kd_lm_loss, normalise_targets
@@ -413,6 +413,8 @@ class Trainer:
             self.metrics.open(0)
             return
         checkpoint = load_checkpoint(path)
+        if self.ctx.is_main:  # what a crash in the last save left undone; a run with no step left never saves again
+            prune_checkpoints(self.run_dir, keep=self.options.keep_checkpoints)
         model_state = {f"student.{name}": t for name, t in checkpoint.model_state.items()}
         load_full_state(self.module, self.optimizer, model_state, checkpoint.optimizer_state)
         state = checkpoint.trainer_state

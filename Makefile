@@ -32,5 +32,8 @@ test-fast: install
 demo: install
 	$(PY) -m kdpipe demo $(DEMO_ARGS)
 
+bench: install
+	$(PY) bench/suite.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,6 +1,6 @@
 """prepare-data throughput as a ratio to the raw `tokenizers` batch encoder, on the same text, in one run.
 
-    .venv/bin/python bench/prepare.py [--megabytes 20] [--repeats 3] [--no-write]
+    .venv/bin/python bench/prepare.py [--megabytes 20] [--repeats 3] [--no-write] [--quick] [--json PATH]
 
 The corpus is generated from this Python's own standard-library sources (nothing is
 downloaded): files are cut at blank lines into documents of ~1-4 KB and written as JSON
@@ -14,12 +14,14 @@ Measured, alternating and best-of-`repeats` (the machine may be shared):
   in process, after a warm-up call (the CLI's one-off start-up, mostly importing
   transformers, is reported apart as the time of a no-op CLI re-run).
 The ratio is raw seconds / prepare seconds for the same text tokens (goal >= 0.8). The
-result is printed and written into the "prepare-data" section of BENCHMARKS.md.
+result is printed and written into the "prepare-data" section of BENCHMARKS.md; `--json PATH`
+also writes the ratios in the format `bench/suite.py` collects. `--quick` measures 2 MB twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -41,6 +43,7 @@ from kdpipe.schemas.prepare_config import PrepareDataConfig
 REPO = Path(__file__).resolve().parent.parent
 BATCH_DOCS = 1024
 SEQ_LEN = 2048
+QUICK = dict(megabytes=2.0, repeats=2)
 
 
 def stdlib_documents(megabytes: float) -> list[str]:
@@ -88,13 +91,24 @@ def raw_encode(tokenizer: Tokenizer, texts: list[str], fast: bool) -> tuple[floa
     return time.perf_counter() - started, num_tokens
 
 
-def machine() -> str:
+def machine_info() -> dict[str, object]:
+    """The `machine` entry of the JSON result."""
     model = "unknown CPU"
     if Path("/proc/cpuinfo").is_file():
         found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
         model = found.group(1).strip() if found else model
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {usable} usable cores ({os.cpu_count()} online), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return {
+        "cpu": f"{model}, {usable} usable cores ({os.cpu_count()} online)",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "tokenizers": importlib.metadata.version("tokenizers"),
+    }
+
+
+def machine() -> str:
+    info = machine_info()
+    return f"{info['cpu']}, {info['os']}, Python {info['python']}"
 
 
 def write_section(text: str) -> None:
@@ -108,10 +122,15 @@ def write_section(text: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    quick = argparse.ArgumentParser(add_help=False)
+    quick.add_argument("--quick", action="store_true", help=f"small run: {QUICK}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[quick])
     parser.add_argument("--megabytes", type=float, default=20.0, help="corpus size")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions; the best of each is kept")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--json", type=Path, help="write the ratios here for bench/suite.py")
+    if quick.parse_known_args()[0].quick:
+        parser.set_defaults(**QUICK)  # explicit flags still win
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-prepare-") as tmp:
@@ -172,6 +191,14 @@ thread while the main thread reads, splits, packs and writes, so its Python-side
 Not included above: the CLI's start-up (importing transformers, which imports torch); a complete no-op CLI
 re-run (start-up, tokenizer load, input hashing, fingerprint check) took {t_noop:.1f} s here."""
     print(report)
+    if args.json:
+        rows = [
+            {"metric": "prepare-data / raw tokenizer encode_batch, text tokens/s", "value": ratio, "goal": ">= 0.8", "unit": "ratio"},
+            {"metric": "prepare-data / raw tokenizer encode_batch_fast, text tokens/s", "value": ratio_fast, "goal": None, "unit": "ratio"},
+            {"metric": "prepare-data end to end, text tokens/s", "value": num_tokens / t_prep, "goal": None, "unit": "tokens/s"},
+        ]
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"bench": "prepare", "machine": machine_info(), "rows": rows}, indent=2) + "\n")
     if not args.no_write:
         write_section(report)
         print(f"written to {REPO / 'BENCHMARKS.md'}")

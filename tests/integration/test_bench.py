@@ -1,0 +1,178 @@
+"""The benchmark scripts: their JSON results, the suite's table and summary section, the GPU bench's arithmetic.
+
+`bench/gpu.py --smoke` runs the GPU bench's code paths with tiny shapes on CPU; the suite
+runs the prepare bench in its quick form, and the train bench runs smaller still. All are
+checked through the JSON they write. The GPU bench's FLOP count is checked against torch's own FLOP counter, and its
+student config against the LRC paper's table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+REPO = Path(__file__).resolve().parents[2]
+UNITS = {"ratio", "bytes/token", "tokens/s", "MFU"}
+
+
+def load_bench(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"test_bench_{name}", REPO / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # before running it: dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def assert_wellformed(row: dict) -> None:
+    """A result row as bench/suite.py's docstring specifies it, with a plausible value for its unit."""
+    assert {"metric", "value", "goal", "unit"} <= set(row), row
+    assert isinstance(row["metric"], str) and row["metric"], row
+    assert isinstance(row["value"], float) and math.isfinite(row["value"]), row
+    assert row["unit"] in UNITS, row
+    goal = row["goal"]
+    assert goal is None or (goal.split(" ")[0] in ("<=", ">=") and float(goal.split(" ")[1]) > 0), row
+    assert row["value"] > 0, row
+    if row["unit"] == "MFU":
+        assert row["value"] < 1, row
+
+
+def test_gpu_smoke_writes_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    done = run_script("bench/gpu.py", "--smoke", "--json", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["bench"] == "gpu" and result["machine"]["device"] == "cpu"
+    for row in result["rows"]:
+        assert_wellformed(row)
+    by_unit = {(row["metric"], row["unit"]): row["value"] for row in result["rows"]}
+    for config in ("plain exported arch, LM-only", "LRC, LM-only", "LRC, KD+LM", "LRC, KD+LM+clone"):
+        assert (f"train step {config}", "tokens/s") in by_unit
+        assert (f"train step {config}", "MFU") in by_unit
+    for teacher in ("teacher bare forward (decoder + LM head)", "cache-teacher shard loop, default snapshots"):
+        assert (teacher, "tokens/s") in by_unit and (teacher, "MFU") in by_unit
+    ratios = [row for row in result["rows"] if row["unit"] == "ratio"]
+    assert len(ratios) == 5 and all(row["goal"] for row in ratios)
+    # Reading a batch is far cheaper than a training step, even with tiny shapes.
+    assert by_unit[("loader batches/s / LRC KD+LM+clone steps/s (wall)", "ratio")] > 1
+    # Every student counts the exported model's FLOPs: MFU / tokens/s is one constant.
+    flops = [by_unit[(f"train step {c}", "MFU")] / by_unit[(f"train step {c}", "tokens/s")] for c in ("LRC, KD+LM", "plain exported arch, LM-only")]
+    assert flops[0] == pytest.approx(flops[1], rel=1e-9)
+
+
+def test_gpu_refuses_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = load_bench("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench/gpu.py", "--quick"])
+    with pytest.raises(SystemExit, match="CUDA is not available here.*--smoke"):
+        gpu.main()
+
+
+def test_suite_quick_collects_the_table_and_leaves_benchmarks_alone(tmp_path: Path) -> None:
+    benchmarks = (REPO / "BENCHMARKS.md").read_text()
+    out = tmp_path / "suite.json"
+    done = run_script("bench/suite.py", "--quick", "--no-write", "--only", "prepare", "--json", out)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    for row in rows:
+        assert_wellformed(row)
+    assert {row["bench"] for row in rows} == {"prepare"}
+    assert {row["metric"]: row["goal"] for row in rows}["prepare-data / raw tokenizer encode_batch, text tokens/s"] == ">= 0.8"
+    table = [line for line in done.stdout.splitlines() if line.startswith("| prepare |")]
+    assert len(table) == len(rows)
+    assert "summary written" not in done.stdout
+    assert (REPO / "BENCHMARKS.md").read_text() == benchmarks
+
+
+def test_train_bench_writes_its_ratios(tmp_path: Path) -> None:
+    """bench/train.py as the suite runs it (--quick), with fewer sequences and rounds still."""
+    out = tmp_path / "train.json"
+    done = run_script("bench/train.py", "--quick", "--sequences", "8", "--rounds", "2", "--json", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["bench"] == "train" and result["machine"]["torch_threads"] == 1
+    for row in result["rows"]:
+        assert_wellformed(row)
+        assert row["unit"] == "ratio" and row["goal"]
+    goals = {row["metric"]: row["goal"] for row in result["rows"]}
+    assert goals["train step LRC, KD+LM / LM-only (CPU s)"] == "<= 1.10"
+    assert goals["train step LRC KD+LM+clone / plain exported arch LM-only (CPU s)"] == "<= 1.25"
+    assert goals["loader batches/s / LRC KD+LM+clone steps/s (CPU s)"] == ">= 5"
+
+
+def test_summary_section_goes_first_and_is_replaced_in_place() -> None:
+    suite = load_bench("suite")
+    document = "# Benchmarks\n\nIntro.\n\n## prepare-data\n\nA\n\n### detail\n\nB\n\n## train-student\n\nC\n"
+    first = f"{suite.SUMMARY_HEADING}\n\n| table one |\n"
+    second = f"{suite.SUMMARY_HEADING}\n\nother machine\n\n| table two |\n"
+    once = suite.replace_summary(document, first)
+    assert once == "# Benchmarks\n\nIntro.\n\n" + first + "\n" + document.removeprefix("# Benchmarks\n\nIntro.\n\n")
+    assert suite.replace_summary(once, first) == once
+    replaced = suite.replace_summary(once, second)
+    assert replaced.count(suite.SUMMARY_HEADING) == 1 and "table one" not in replaced
+    assert replaced.replace(second + "\n", "") == document
+
+
+def test_suite_refuses_malformed_results() -> None:
+    suite = load_bench("suite")
+    good = {"bench": "x", "machine": {}, "rows": [{"metric": "m", "value": 1.0, "goal": "<= 1.15", "unit": "ratio"}]}
+    suite.check_result(good, "x")
+    bad_rows = [
+        {"metric": "m", "value": float("nan"), "goal": None, "unit": "ratio"},
+        {"metric": "m", "value": 1.0, "goal": "< 1", "unit": "ratio"},
+        {"metric": "m", "value": 1.0, "goal": None, "unit": "seconds"},
+        {"metric": "m", "value": 1.0, "goal": None, "unit": "ratio", "extra": 1},
+    ]
+    for row in bad_rows:
+        with pytest.raises(ValueError):
+            suite.check_result({**good, "rows": [row]}, "x")
+    assert suite.goal_met(1.2, "<= 1.15") is False and suite.goal_met(0.9, ">= 0.8") is True and suite.goal_met(3.0, None) is None
+
+
+def test_model_flops_match_torch_flop_counter() -> None:
+    """PaLM's count (full attention) is what FlopCounterMode measures on eager attention, GQA included."""
+    gpu = load_bench("gpu")
+    config = Qwen2Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    seq_len = 24
+    ids = torch.randint(0, 300, (1, seq_len))
+    with FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            model(input_ids=ids)
+    with FlopCounterMode(display=False) as step:
+        model(input_ids=ids).logits.sum().backward()
+    assert forward.get_total_flops() == seq_len * gpu.flops_per_token(config, seq_len, training=False)
+    assert step.get_total_flops() == seq_len * gpu.flops_per_token(config, seq_len, training=True)
+
+
+def test_shipped_student_is_lrc_1_7b_of_qwen2_5_3b() -> None:
+    """Hao et al. 2025, Table 11: LRC-1.7B is Qwen2.5-3B at residual width 1,200, tied embeddings."""
+    gpu = load_bench("gpu")
+    teacher, student = gpu.read_config(gpu.TEACHER_CONFIG), gpu.read_config(gpu.STUDENT_CONFIG)
+    paper = dict(
+        hidden_size=1200, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, head_dim=128,
+        intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    )  # fmt: skip
+    assert {k: getattr(student, k) for k in paper} == paper
+    assert teacher.hidden_size == 2048 and teacher.num_hidden_layers == 36
+    gpu.check_student_shape(teacher, student, gpu.STUDENT_CONFIG)
+    student.intermediate_size = 8192
+    with pytest.raises(SystemExit, match="intermediate_size"):
+        gpu.check_student_shape(teacher, student, gpu.STUDENT_CONFIG)

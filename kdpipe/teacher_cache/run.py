@@ -19,6 +19,7 @@ kernels for other batch shapes: on GPU keep one `batch_size` for all tasks of a 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import shutil
 import time
@@ -40,6 +41,8 @@ from kdpipe.teacher_cache.sampling import SparseTargets, sample_rs_kd, select_to
 from kdpipe.teacher_cache.snapshots import SnapshotCapture, encode_bf16, encode_fp8, snapshot_positions
 from kdpipe.teacher_cache.writer import BackgroundShardWriter, EncodedBatch, fixed_point_mass_sum, write_manifest
 
+# errnos of a full file system or an exhausted quota (EDQUOT: cluster file systems with per-user quotas).
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # Top-level shard entries per reported category, as `kdpipe inspect` splits them.
 _LOGITS_TOPS = (cf.NUM_ENTRIES, cf.SEQ_ENTRY_OFFSETS, cf.ENTRIES, cf.GHOST)
 _SNAPSHOT_TOPS = (cf.SNAP_POSITIONS, cf.SNAP_GROUP)
@@ -93,7 +96,20 @@ def cache_teacher(config: CacheTeacherConfig, *, console: Console | None = None)
     )  # fmt: skip
     if config.dry_run:
         return summary
-    out = Path(config.out)
+    try:
+        _write_cache(plan, summary, console)
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        raise _disk_full_error(plan, summary) from None
+    summary.wall_s = time.perf_counter() - started
+    console.print(summary.describe(), highlight=False, soft_wrap=True)
+    return summary
+
+
+def _write_cache(plan: CachePlan, summary: CacheSummary, console: Console) -> None:
+    """Manifest, config, --repair's discards, then this task's pending shards (`summary` counts them as they complete)."""
+    config, out = plan.config, Path(plan.config.out)
     if plan.out_state == "replace":
         shutil.rmtree(out)
     write_manifest(out, plan.manifest)
@@ -113,9 +129,27 @@ def cache_teacher(config: CacheTeacherConfig, *, console: Console | None = None)
     loop_started = time.perf_counter()
     _write_shards(plan, todo, summary, console)
     summary.loop_s = time.perf_counter() - loop_started
-    summary.wall_s = time.perf_counter() - started
-    console.print(summary.describe(), highlight=False, soft_wrap=True)
-    return summary
+
+
+def _disk_full_error(plan: CachePlan, summary: CacheSummary) -> KdpipeError:
+    """One line for a full disk (or quota): what is free, what is left, and that a re-run resumes.
+
+    The writer has already removed the unfinished shard's tmp dir; complete shards stay valid.
+    The space still needed is extrapolated from the shards this run completed, when there are any.
+    """
+    out = Path(plan.config.out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    left = len(plan.pending) + summary.shards_repaired - summary.shards_written - summary.shards_taken
+    need = ""
+    if summary.shards_written:
+        per_shard = (summary.logits_bytes + summary.snapshot_bytes + summary.token_id_bytes) / summary.shards_written
+        need = f" (about {round(per_shard * left):,} bytes, by the size of the shards written so far)"
+    return KdpipeError(
+        f"out of disk space (or quota) writing the teacher cache {out}: {free:,} bytes free, "
+        f"{left} of this task's shards still to write{need}; free space and re-run the same command, "
+        "which keeps the complete shards and resumes"
+    )
 
 
 def _write_shards(plan: CachePlan, todo: list[TaskShard], summary: CacheSummary, console: Console) -> None:
@@ -269,8 +303,11 @@ def _write_config(config: CacheTeacherConfig, out: Path) -> None:
         shard_index=None, num_shards=None, overwrite=False, repair=False, dry_run=False,
     )  # fmt: skip
     tmp = out / f"{cf.TMP_PREFIX}{cf.CONFIG_FILE}-{os.getpid()}"
-    write_resolved(shared, tmp)
-    os.replace(tmp, out / cf.CONFIG_FILE)
+    try:
+        write_resolved(shared, tmp)
+        os.replace(tmp, out / cf.CONFIG_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)  # a write that failed (full disk) leaves no tmp file behind
 
 
 def _failing_complete_shards(plan: CachePlan) -> list[TaskShard]:

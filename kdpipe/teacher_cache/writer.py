@@ -131,11 +131,15 @@ class ShardWriter:
         self._closed = False
         self.tmp_dir = cf.new_tmp_shard_dir(self.cache_dir, split, index)
         self.tmp_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._group = zarr.open_group(self.tmp_dir, mode="w-")
-        self._rows = self._create_row_arrays()
-        self._entries = self._create(
-            cf.ENTRIES, (0,), np.uint8, (cf.ENTRY_CHUNK_BYTES,), {"entry": dataclasses.asdict(self._layout)}
-        )
+        try:
+            self._group = zarr.open_group(self.tmp_dir, mode="w-")
+            self._rows = self._create_row_arrays()
+            self._entries = self._create(
+                cf.ENTRIES, (0,), np.uint8, (cf.ENTRY_CHUNK_BYTES,), {"entry": dataclasses.asdict(self._layout)}
+            )
+        except BaseException:  # e.g. a full disk while writing the arrays' metadata: no writer exists to abort
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            raise
 
     def _create(self, name: str, shape: tuple[int, ...], dtype: object, chunks: tuple[int, ...], attrs: dict) -> zarr.Array:
         # Every chunk is stored, even all-zero ones, so a missing chunk file always means damage.
@@ -359,13 +363,13 @@ def write_manifest(cache_dir: Path, manifest: CacheManifest) -> None:
     path = cache_dir / cf.MANIFEST_FILE
     if not path.exists():
         tmp = cache_dir / f"{cf.TMP_PREFIX}{cf.MANIFEST_FILE}-{os.getpid()}-{threading.get_ident()}"
-        tmp.write_text(manifest.to_json(), encoding="utf-8")
         try:
+            tmp.write_text(manifest.to_json(), encoding="utf-8")
             os.link(tmp, path)
         except FileExistsError:
             pass  # another task created it first: compare below
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)  # also after a failed write (full disk): no tmp file is left
     _check_same_cache(cache_dir, path, manifest)
 
 

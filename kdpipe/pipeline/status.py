@@ -96,7 +96,8 @@ def status(path: Path, *, verify: bool = False) -> CacheStatus | RunStatus:
     """The status of a teacher cache or a training run directory."""
     path = Path(path)
     if not path.is_dir():
-        raise KdpipeError(f"{path} does not exist; give a teacher cache or a training run directory")
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise KdpipeError(f"{path} {what}; give a teacher cache or a training run directory")
     if (path / MANIFEST_FILE).is_file():
         return cache_status(path, verify=verify)
     if (path / RUN_MANIFEST).is_file():
@@ -129,7 +130,9 @@ def cache_status(path: Path, *, verify: bool = False) -> CacheStatus:
 def run_status(path: Path) -> RunStatus:
     """Last checkpoint, steps checkpointed vs planned, and the last metrics line of a run directory."""
     path = Path(path)
-    planned_steps = int(read_run_manifest(path)["total_steps"])
+    planned_steps = read_run_manifest(path).get("total_steps")
+    if not isinstance(planned_steps, int) or planned_steps < 1:
+        raise KdpipeError(f"{path / RUN_MANIFEST} has no valid total_steps ({planned_steps!r}); the run directory is damaged")
     checkpoint = latest_checkpoint(path)
     # Complete checkpoints are named step-{step:08d} after the steps they hold (kdpipe.student_train.checkpoint).
     steps_done = int(checkpoint.name.split("-", 1)[1]) if checkpoint is not None else 0

@@ -163,7 +163,7 @@ def test_path_that_is_neither_a_cache_nor_a_run(tmp_path):
     with pytest.raises(KdpipeError, match=f"{tmp_path / 'nope'} does not exist"):
         status(tmp_path / "nope")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(KdpipeError, match=str(tmp_path / "file")):
+    with pytest.raises(KdpipeError, match=f"{tmp_path / 'file'} is a file, not a directory"):
         status(tmp_path / "file")
     (tmp_path / "empty").mkdir()
     with pytest.raises(KdpipeError, match=r"empty is neither a teacher cache \(no manifest.json\) nor a train-student run \(no run.json\)"):
@@ -185,7 +185,12 @@ def test_manifest_that_is_not_a_cache_manifest(tmp_path, cache, verify):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("{not json", "is not valid JSON"), (json.dumps({"format": "other", "total_steps": 3}), "is not a kdpipe run manifest")],
+    [
+        ("{not json", "is not valid JSON"),
+        (json.dumps({"format": "other", "total_steps": 3}), "is not a kdpipe run manifest"),
+        (json.dumps({"format": RUN_FORMAT}), "has no valid total_steps"),
+        (json.dumps({"format": RUN_FORMAT, "total_steps": 0}), "has no valid total_steps"),
+    ],
 )
 def test_run_manifest_that_is_not_one(tmp_path, text, message):
     (tmp_path / "run").mkdir()

@@ -39,7 +39,7 @@ from rich.table import Table
 BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS = BENCH_DIR.parent / "BENCHMARKS.md"
 SUMMARY_HEADING = "## Summary (make bench)"
-UNITS = ("ratio", "bytes/token", "tokens/s", "MFU")
+UNITS = ("ratio", "bytes/token", "tokens/s", "MFU", "MB")
 GOAL = re.compile(r"^(<=|>=) (\d+(?:\.\d+)?)$")
 
 # name -> its arguments besides --json (and --quick, which every bench takes). cache runs on

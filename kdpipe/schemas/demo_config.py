@@ -1,7 +1,7 @@
 """Config of `kdpipe demo`: the whole pipeline on one small corpus, four students compared.
 
-Defaults are sized for 2 CPU cores and under 15 minutes end to end: a 3-minute teacher,
-two caches, and four students at the same token budget of 100K tokens each. Every field that decides an
+Defaults are sized for 2 CPU cores and under 15 minutes end to end: a 4-minute teacher,
+two caches, and four students at the same token budget of 150K tokens each. Every field that decides an
 output is recorded in `OUT/demo_config.yaml`; a re-run with other such options is refused
 (`RESUMABLE_CHANGES` may differ), so a resumed demo never mixes outputs of two settings.
 """
@@ -34,13 +34,13 @@ class DemoConfig:
     val_fraction: float = option(0.03, "Fraction of documents held out for validation (chosen by a hash of the text).")
     vocab_size: int = option(4096, "Demo tokenizer: BPE vocabulary size, specials included.")
     seq_len: int = option(256, "Tokens per packed sequence, for the teacher and the students.")
-    teacher_minutes: float = option(3.0, "Demo teacher: training time budget in minutes.")
+    teacher_minutes: float = option(4.0, "Demo teacher: training time budget in minutes.")
     teacher_max_steps: int = option(1_000_000, "Demo teacher: most optimizer steps (the minutes usually decide).")
     teacher_hidden_size: int = option(256, "Demo teacher: residual width (FFN width is 4x, 4 attention heads).")
     teacher_layers: int = option(4, "Demo teacher: decoder blocks.")
     num_draws: int = option(50, "rs-kd cache: draws per position (the top-k cache keeps about as many ids as rs-kd stores).")
     snapshot_fraction: float = option(0.03125, "rs-kd cache: fraction of positions with FFN snapshots of every layer (LRC clone targets).")
-    student_tokens: int = option(100_000, "Training tokens of each student (the same for all four).")
+    student_tokens: int = option(150_000, "Training tokens of each student (the same for all four).")
     student_hidden_size: int = option(128, "Students' residual width (smaller than the teacher's).")
     student_batch_size: int = option(8, "Students: sequences per optimizer step.")
     student_lr: float = option(2e-3, "Students: peak learning rate (warm-up-stable-decay schedule).")

@@ -10,30 +10,37 @@ Three modes, from the papers in DESIGN.md:
 
 Every function takes one chunk of positions `(P, V)`; the caller computes logits in position
 chunks so that a full `(B, T, V)` fp32 tensor never exists. Peak extra memory is about
-16 bytes per logit for the top-k modes (fp32 probabilities plus an int64 sort key) and about
-8 for RS-KD (fp32 probabilities plus fp32 block sums; its float64 CDFs are per block).
+16 bytes per logit for the top-k modes (fp32 probabilities plus an int64 sort key); RS-KD on
+CPU needs none for fp32 logits (a numba kernel, `rs_kd_kernel`, holds one row's weights per
+thread), on CUDA about 6 (fp32 weights, fp32 block sums, a NaN mask; float64 CDFs are per block).
 
 RS-KD randomness is counter-based (Philox4x32-10, Salmon et al. 2011, the generator behind
 cuRAND and torch's CUDA RNG): the uniform for draw j at a position is a pure function of
 (seed, stream, seq_index, position, j). What is stored for a position therefore depends
-only on its logits row and its key, never on batch size, chunking, shard or device.
+only on its logits row and its key, never on batch size, chunking, shard, thread count or
+device (up to the last bits of the exponential, see `rs_kd_kernel`).
 """
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.teacher_cache.rs_kd_kernel import (
+    CDF_BLOCK as _CDF_BLOCK,
+    PHILOX_M0 as _PHILOX_M0,
+    PHILOX_M1 as _PHILOX_M1,
+    PHILOX_ROUNDS as _PHILOX_ROUNDS,
+    PHILOX_W0 as _PHILOX_W0,
+    PHILOX_W1 as _PHILOX_W1,
+    rs_kd_rows,
+)
 
 _MASK32 = 0xFFFFFFFF
-# Philox4x32 round multipliers and Weyl key increments (Random123, philox.h).
-_PHILOX_M0 = 0xD2511F53
-_PHILOX_M1 = 0xCD9E8D57
-_PHILOX_W0 = 0x9E3779B9
-_PHILOX_W1 = 0xBB67AE85
-_PHILOX_ROUNDS = 10
-# Ids per block of the two-level RS-KD CDF: a power of two, for the pairwise block sums.
-_CDF_BLOCK = 64
+# Rows per sampler thread at least: a row costs ~20 µs at V = 8000, a thread start ~50 µs.
+_MIN_ROWS_PER_THREAD = 64
 
 
 class SparseTargets(NamedTuple):
@@ -126,7 +133,7 @@ def _teacher_probs(logits_PV: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _block_sums(blocks_PnB: torch.Tensor) -> torch.Tensor:
-    """Sums of fp32 probability blocks → (P, n) fp32, by a pairwise tree in a fixed order.
+    """Sums of fp32 weight blocks → (P, n) fp32, by a pairwise tree in a fixed order.
 
     Converting the whole (P, V) chunk to float64 is what made the sampler slow, so block
     sums stay in fp32. The tree is made of elementwise adds only, so a row's sums do not
@@ -140,8 +147,9 @@ def _block_sums(blocks_PnB: torch.Tensor) -> torch.Tensor:
     return sums.squeeze(-1)
 
 
-def _inverse_cdf(probs_PV: torch.Tensor, uniforms_PN: torch.Tensor) -> torch.Tensor:
-    """Ids drawn from the rows of `probs_PV` by inverse CDF at `uniforms_PN` → (P, N) int64.
+def _inverse_cdf(weights_PV: torch.Tensor, uniforms_PN: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids drawn from the rows of non-negative `weights_PV` by inverse CDF at `uniforms_PN`
+    → ((P, N) int64 ids, (P, 1) float64 normalisers).
 
     Two levels, so that no float64 (P, V) tensor exists: a float64 CDF over the fp32 sums of
     blocks of `_CDF_BLOCK` ids picks the block, then a float64 CDF inside that block alone
@@ -150,18 +158,18 @@ def _inverse_cdf(probs_PV: torch.Tensor, uniforms_PN: torch.Tensor) -> torch.Ten
     sum (< 4.2e-7 relative, the size of the fp32 softmax's own rounding). The ids drawn for a
     given uniform can differ from a single float64 CDF over the row, since the sums differ.
     """
-    num_positions, vocab_size = probs_PV.shape
+    num_positions, vocab_size = weights_PV.shape
     num_full = vocab_size // _CDF_BLOCK
-    tail_PB = probs_PV.new_zeros(num_positions, _CDF_BLOCK)  # last block, zero-padded past V
-    tail_PB[:, : vocab_size - num_full * _CDF_BLOCK] = probs_PV[:, num_full * _CDF_BLOCK :]
-    full_PnB = probs_PV[:, : num_full * _CDF_BLOCK].reshape(num_positions, num_full, _CDF_BLOCK)
+    tail_PB = weights_PV.new_zeros(num_positions, _CDF_BLOCK)  # last block, zero-padded past V
+    tail_PB[:, : vocab_size - num_full * _CDF_BLOCK] = weights_PV[:, num_full * _CDF_BLOCK :]
+    full_PnB = weights_PV[:, : num_full * _CDF_BLOCK].reshape(num_positions, num_full, _CDF_BLOCK)
     block_mass_Pn = torch.cat([_block_sums(full_PnB), _block_sums(tail_PB[:, None, :])], dim=1)
     block_cdf_Pn = torch.cumsum(block_mass_Pn, dim=-1, dtype=torch.float64)  # (P, n + 1)
     total_P1 = block_cdf_Pn[:, -1:].contiguous()  # (P, 1)
     targets_PN = uniforms_PN * total_P1  # (P, N)
     # right=True returns the first block whose CDF exceeds the target, so a block (or, below,
-    # an id) whose interval is empty (zero probability) is never drawn. u * total can round
-    # up to total; such draws go to the last block with mass, the first to reach the total.
+    # an id) whose interval is empty (zero weight) is never drawn. u * total can round up to
+    # total; such draws go to the last block with mass, the first to reach the total.
     block_PN = torch.searchsorted(block_cdf_Pn, targets_PN, right=True)
     last_block_P1 = torch.searchsorted(block_cdf_Pn, total_P1, right=False)
     block_PN = torch.minimum(block_PN, last_block_P1)
@@ -169,18 +177,18 @@ def _inverse_cdf(probs_PV: torch.Tensor, uniforms_PN: torch.Tensor) -> torch.Ten
     # Fraction of the chosen block's mass below the target, in [0, 1) up to rounding.
     fraction_PN = (targets_PN - block_start_Pn.gather(1, block_PN)) / block_mass_Pn.gather(1, block_PN)
 
-    block_probs_PNB = tail_PB[:, None, :].expand(-1, block_PN.shape[1], -1)  # (P, N, B)
+    block_weights_PNB = tail_PB[:, None, :].expand(-1, block_PN.shape[1], -1)  # (P, N, B)
     if num_full > 0:
-        rows_P1 = torch.arange(num_positions, device=probs_PV.device)[:, None]
+        rows_P1 = torch.arange(num_positions, device=weights_PV.device)[:, None]
         from_full_PNB = full_PnB[rows_P1, block_PN.clamp(max=num_full - 1)]  # (P, N, B)
-        block_probs_PNB = torch.where((block_PN < num_full)[..., None], from_full_PNB, block_probs_PNB)
-    block_cdf_PNB = torch.cumsum(block_probs_PNB, dim=-1, dtype=torch.float64)  # (P, N, B)
+        block_weights_PNB = torch.where((block_PN < num_full)[..., None], from_full_PNB, block_weights_PNB)
+    block_cdf_PNB = torch.cumsum(block_weights_PNB, dim=-1, dtype=torch.float64)  # (P, N, B)
     in_block_total_PN1 = block_cdf_PNB[..., -1:].contiguous()
     offset_PN1 = torch.searchsorted(block_cdf_PNB, fraction_PN[..., None] * in_block_total_PN1, right=True)
     # A fraction that rounds to 1 goes to the block's last id with mass, as at the top level.
     last_offset_PN1 = torch.searchsorted(block_cdf_PNB, in_block_total_PN1, right=False)
     offset_PN = torch.minimum(offset_PN1, last_offset_PN1).squeeze(-1)
-    return block_PN * _CDF_BLOCK + offset_PN
+    return block_PN * _CDF_BLOCK + offset_PN, total_P1
 
 
 def sample_rs_kd(
@@ -195,21 +203,93 @@ def sample_rs_kd(
 ) -> SparseTargets:
     """RS-KD targets: unique ids of N draws from softmax(z/τ) with their counts.
 
-    Inverse-CDF sampling with a two-level float64 CDF (see `_inverse_cdf`) at the N keyed
-    uniforms, so no (N, V) random tensor and no float64 (P, V) tensor ever exist. Row r of
-    the result depends only on `logits_PV[r]` and its key `(seed, stream, seq_index[r],
-    position[r])`.
+    Inverse-CDF sampling with a two-level float64 CDF (see `_inverse_cdf`) over the weights
+    exp(z/τ - max), at the N keyed uniforms, so no (N, V) random tensor and no
+    float64 (P, V) tensor ever exist. CPU tensors go through the numba kernel
+    `rs_kd_kernel.rs_kd_rows` (one pass per row, on as many threads as torch uses), others
+    through torch ops; both run the same arithmetic but for the exponential's last bits. Row r
+    of the result depends only on `logits_PV[r]` and its key `(seed, stream, seq_index[r],
+    position[r])`. A row without a distribution (NaN or +inf logits, all -inf) is an error.
     """
     _check_logits(logits_PV, temperature)
     if num_draws < 1:
         raise KdpipeError(f"rs-kd num_draws {num_draws} must be >= 1: fix the sampler config")
+    if not 0 <= seed <= _MASK32:
+        raise KdpipeError(f"sampler seed {seed} is out of range: use an integer in [0, 2^32)")
     num_positions = logits_PV.shape[0]
     assert seq_index.shape == (num_positions,) and position.shape == (num_positions,)
-    probs_PV = _teacher_probs(logits_PV, temperature)  # (P, V) float32
+    if logits_PV.device.type == "cpu":
+        targets = _rs_kd_cpu(logits_PV, num_draws, temperature, seed, stream, seq_index, position)
+        bad_P = torch.isnan(targets.covered_mass)
+    else:
+        targets, bad_P = _rs_kd_torch(logits_PV, num_draws, temperature, seed, stream, seq_index, position)
+    if bool(bad_P.any()):
+        row = int(bad_P.nonzero()[0])
+        raise KdpipeError(
+            f"teacher logits of sequence {int(seq_index[row])} position {int(position[row])} are NaN, +inf or all "
+            f"-inf (or overflow at temperature {temperature}): check the teacher weights and dtype"
+        )
+    return targets
+
+
+def _rs_kd_cpu(
+    logits_PV: torch.Tensor, num_draws: int, temperature: float, seed: int, stream: int,
+    seq_index: torch.Tensor, position: torch.Tensor,
+) -> SparseTargets:  # fmt: skip
+    """The numba kernel over a CPU chunk; rows without a distribution get covered mass NaN."""
+    num_positions = logits_PV.shape[0]
+    assert 0 <= stream <= _MASK32, f"stream {stream} must fit in 32 bits"
+    if num_positions > 0:
+        assert int(seq_index.min()) >= 0 and 0 <= int(position.min()) and int(position.max()) <= _MASK32
+    ids_PN = np.empty((num_positions, num_draws), dtype=np.int64)
+    counts_PN = np.empty((num_positions, num_draws), dtype=np.int32)
+    num_entries_P = np.empty(num_positions, dtype=np.int32)
+    covered_P = np.empty(num_positions, dtype=np.float64)
+    logits = logits_PV.detach().float().contiguous().numpy()
+    seq_indices = seq_index.to(torch.int64).contiguous().numpy()
+    positions = position.to(torch.int64).contiguous().numpy()
+
+    def sample_rows(rows: slice) -> None:
+        rs_kd_rows(
+            logits[rows], np.float32(temperature), seed, stream, seq_indices[rows], positions[rows],
+            ids_PN[rows], counts_PN[rows], num_entries_P[rows], covered_P[rows],
+        )  # fmt: skip
+
+    # As many threads as torch uses (the kernel releases the GIL), each on a contiguous range
+    # of at least _MIN_ROWS_PER_THREAD rows. Plain threads, not numba's parallel loops: those
+    # start an OpenMP pool that resets the thread count torch itself then uses.
+    num_threads = max(1, min(torch.get_num_threads(), num_positions // _MIN_ROWS_PER_THREAD))
+    bounds = [num_positions * i // num_threads for i in range(num_threads + 1)]
+    ranges = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+    if num_threads == 1:
+        sample_rows(ranges[0])
+    else:
+        with ThreadPoolExecutor(num_threads) as pool:
+            list(pool.map(sample_rows, ranges))
+    kept_PN = np.arange(num_draws) < num_entries_P[:, None]
+    return SparseTargets(
+        ids=torch.from_numpy(ids_PN[kept_PN]),
+        values=torch.from_numpy(counts_PN[kept_PN]),
+        num_entries=torch.from_numpy(num_entries_P),
+        covered_mass=torch.from_numpy(covered_P.astype(np.float32)),
+        ghost=None,
+    )
+
+
+def _rs_kd_torch(
+    logits_PV: torch.Tensor, num_draws: int, temperature: float, seed: int, stream: int,
+    seq_index: torch.Tensor, position: torch.Tensor,
+) -> tuple[SparseTargets, torch.Tensor]:  # fmt: skip
+    """The torch implementation → (targets, (P,) bool rows without a distribution)."""
+    weights_PV = logits_PV.float() / temperature  # (P, V) fp32, a new tensor; τ rounded to fp32 as in the kernel
+    weights_PV.sub_(weights_PV.amax(dim=-1, keepdim=True)).exp_()  # max weight 1
+    bad_P = torch.isnan(weights_PV).any(dim=-1)
+    if bool(bad_P.any()):  # searching NaN CDFs could index out of range: stop here
+        return SparseTargets(*(torch.empty(0),) * 4, ghost=None), bad_P.cpu()
     uniforms_PN = counter_uniforms(
         seed, stream, seq_index.to(logits_PV.device), position.to(logits_PV.device), num_draws
     )
-    draws_PN = _inverse_cdf(probs_PV, uniforms_PN)  # (P, N)
+    draws_PN, total_P1 = _inverse_cdf(weights_PV, uniforms_PN)  # (P, N), (P, 1)
 
     sorted_PN, _ = torch.sort(draws_PN, dim=-1)  # (P, N)
     run_start_PN = torch.ones_like(sorted_PN, dtype=torch.bool)
@@ -222,15 +302,12 @@ def sample_rs_kd(
     ids_E = sorted_PN.flatten()[start_flat_E]
     num_entries_P = run_start_PN.sum(dim=-1, dtype=torch.int32)
 
-    sampled_probs_PN = probs_PV.gather(1, sorted_PN).to(torch.float64)  # (P, N)
-    covered_P = (sampled_probs_PN * run_start_PN).sum(dim=-1)  # (P,) float64
-    return SparseTargets(
-        ids=ids_E,
-        values=counts_E,
-        num_entries=num_entries_P,
-        covered_mass=covered_P.to(torch.float32),
-        ghost=None,
+    sampled_weights_PN = weights_PV.gather(1, sorted_PN).to(torch.float64)  # (P, N)
+    covered_P = (sampled_weights_PN * run_start_PN).sum(dim=-1) / total_P1.squeeze(1)  # (P,) float64
+    targets = SparseTargets(
+        ids=ids_E, values=counts_E, num_entries=num_entries_P, covered_mass=covered_P.to(torch.float32), ghost=None
     )
+    return targets, bad_P.cpu()
 
 
 def _top_k_by_prob(probs_PV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

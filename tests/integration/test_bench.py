@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 REPO = Path(__file__).resolve().parents[2]
-UNITS = {"ratio", "bytes/token", "tokens/s", "MFU"}
+UNITS = {"ratio", "bytes/token", "tokens/s", "MFU", "MB"}
 
 
 def load_bench(name: str) -> ModuleType:

@@ -1,13 +1,20 @@
-"""Samplers against independent references: a pure-Python Philox, float64 softmax, numpy sorts."""
+"""Samplers against independent references: a pure-Python Philox, float64 softmax, numpy sorts.
+
+RS-KD on CPU runs the numba kernel (`rs_kd_kernel`); its torch twin (the CUDA path) is run on
+CPU here too, and the two are compared bit for bit where their inputs are equal.
+"""
 
 import numpy as np
 import pytest
 import torch
 
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.teacher_cache.rs_kd_kernel import exp_weights, keyed_uniforms
 from kdpipe.teacher_cache.sampling import (
     _CDF_BLOCK,
+    _inverse_cdf,
     _philox4x32_10,
+    _rs_kd_torch,
     counter_uniforms,
     sample_rs_kd,
     select_top_k,
@@ -279,3 +286,126 @@ def test_rs_kd_is_unbiased_across_cdf_blocks():
     tolerance = log_term / 3 + np.sqrt(log_term**2 / 9 + 2 * log_term * variance)
     deviation = np.abs(pooled - num_samples * probs)
     assert np.all(deviation < tolerance), deviation / tolerance
+
+
+def test_numba_uniforms_match_pure_python_reference():
+    out = np.empty(7)
+    for seed, stream in [(0, 0), (1234, 1), (MASK32, MASK32)]:
+        for seq_index, position in [(0, 0), (5, 17), (2**32 + 3, 1), (2**62 + 1, MASK32)]:
+            keyed_uniforms(seed, stream, seq_index, position, out)
+            assert out.tolist() == reference_uniforms(seed, stream, seq_index, position, 7)
+
+
+def test_kernel_exponential_is_within_one_ulp():
+    """Weights are exp(z/τ - max) in fp32 within one ulp of exp of the fp32 argument (an
+    exhaustive run over all fp32 in [-87, 0] gave 0.992 ulp), exactly 1 at the max, 0 below -87."""
+    generator = np.random.default_rng(0)
+    row = np.concatenate([[0.0, -1e-30, -87.0, -87.00001, -200.0, -np.inf], generator.uniform(-87, 0, 100_000)])
+    row = row.astype(np.float32)
+    for temperature in (1.0, 0.7):
+        weights, exponent_bits = np.empty_like(row), np.empty(row.size, dtype=np.int32)
+        exp_weights(row, np.float32(temperature), weights, exponent_bits)
+        argument = row / np.float32(temperature)  # fp32, as the kernel; the row max is 0
+        exact = np.exp(argument.astype(np.float64))
+        live = argument >= -87
+        ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+        assert np.all(np.abs(weights[live] - exact[live]) / ulp[live] < 1.0)
+        assert weights[0] == 1.0 and np.all(weights[~live] == 0.0)
+
+
+def dense_counts(targets, num_positions: int, vocab_size: int) -> np.ndarray:
+    """(P, V) counts of a SparseTargets."""
+    counts = np.zeros((num_positions, vocab_size), dtype=np.int64)
+    rows = np.repeat(np.arange(num_positions), targets.num_entries.numpy())
+    np.add.at(counts, (rows, targets.ids.numpy()), targets.values.numpy())
+    return counts
+
+
+@pytest.mark.parametrize("vocab_size", [8, 3 * _CDF_BLOCK + 17, 1000])
+def test_cpu_kernel_draws_what_the_torch_path_draws_from_the_same_weights(vocab_size):
+    """The kernel's block sums, CDFs and searches are the torch path's, operation for operation:
+    torch's `_inverse_cdf` fed the kernel's own weights at the same uniforms draws the same ids.
+    Rows mix peaked, flat and zero-weight stretches, so draws cross blocks and hit the clamps."""
+    num_positions, num_draws, temperature = 96, 50, 0.8
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(num_positions, vocab_size, generator=generator) * torch.linspace(0.1, 8.0, num_positions)[:, None]
+    logits[::3, vocab_size // 3 : vocab_size // 2] = float("-inf")
+    logits[1::5] = torch.where(torch.rand(vocab_size, generator=generator) < 0.5, 0.0, float("-inf"))
+    logits[1::5, 0] = 0.0
+    seq_index, position = torch.arange(num_positions) + 2**33, torch.arange(num_positions) * 7
+    got = rs_kd(logits, seq_index, position, num_draws=num_draws, temperature=temperature)
+
+    weights = np.zeros((num_positions, vocab_size), dtype=np.float32)
+    exponent_bits = np.empty(vocab_size, dtype=np.int32)
+    for row in range(num_positions):
+        exp_weights(logits[row].numpy(), np.float32(temperature), weights[row], exponent_bits)
+    uniforms = counter_uniforms(7, 0, seq_index, position, num_draws)
+    draws, total = _inverse_cdf(torch.from_numpy(weights), uniforms)
+    expected = np.zeros((num_positions, vocab_size), dtype=np.int64)
+    np.add.at(expected, (np.repeat(np.arange(num_positions), num_draws), draws.flatten().numpy()), 1)
+    np.testing.assert_array_equal(dense_counts(got, num_positions, vocab_size), expected)
+    covered = (weights.astype(np.float64) * (expected > 0)).sum(axis=1) / total.squeeze(1).numpy()
+    np.testing.assert_allclose(got.covered_mass.numpy(), covered, rtol=1e-6)
+
+
+def test_cpu_kernel_and_torch_path_agree_on_exact_weights():
+    """Logits of 0 and -inf give weights 1 and 0 on both paths exactly (torch's exp and the
+    kernel's agree there), so the whole samplers must agree bit for bit, covered mass included."""
+    num_positions, vocab_size = 64, 2 * _CDF_BLOCK + 40
+    generator = torch.Generator().manual_seed(8)
+    support = torch.rand(num_positions, vocab_size, generator=generator) < torch.linspace(0.02, 0.9, num_positions)[:, None]
+    support[:, 5] = True
+    logits = torch.where(support, 0.0, float("-inf"))
+    seq_index, position = torch.arange(num_positions), torch.arange(num_positions) % 9
+    cpu = rs_kd(logits, seq_index, position, temperature=1.3)
+    twin, bad = _rs_kd_torch(logits, 50, 1.3, 7, 0, seq_index, position)
+    assert not bad.any()
+    for field in ("ids", "values", "num_entries", "covered_mass"):
+        assert torch.equal(getattr(cpu, field), getattr(twin, field)), field
+
+
+def test_rs_kd_agrees_with_a_float64_inverse_cdf_up_to_rounding():
+    """Against a single-level float64 CDF of a float64 softmax at the same uniforms: a draw
+    may only differ where its uniform falls within fp32 rounding of a CDF step (~1e-7), which
+    here is expected for fewer than one draw in 10^4."""
+    num_positions, vocab_size, num_draws = 256, 2000, 50
+    logits = torch.randn(num_positions, vocab_size, generator=torch.Generator().manual_seed(9)) * 4
+    seq_index, position = torch.arange(num_positions), torch.zeros(num_positions, dtype=torch.int64)
+    got = dense_counts(rs_kd(logits, seq_index, position, num_draws=num_draws), num_positions, vocab_size)
+    cdf = np.cumsum(softmax64(logits, 1.0), axis=1)
+    uniforms = counter_uniforms(7, 0, seq_index, position, num_draws).numpy()
+    expected = np.zeros_like(got)
+    for row in range(num_positions):
+        ids = np.searchsorted(cdf[row], uniforms[row] * cdf[row, -1], side="right")
+        np.add.at(expected[row], ids, 1)
+    moved = np.abs(got - expected).sum() // 2
+    assert moved <= 2, f"{moved} of {num_positions * num_draws} draws differ from the float64 reference"
+
+
+def test_rs_kd_does_not_depend_on_thread_count():
+    logits = torch.randn(200, 700, generator=torch.Generator().manual_seed(10)) * 3
+    seq_index, position = torch.arange(200) // 50, torch.arange(200) % 50
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = rs_kd(logits, seq_index, position)
+        torch.set_num_threads(2)
+        two = rs_kd(logits, seq_index, position)
+    finally:
+        torch.set_num_threads(threads)
+    for field in ("ids", "values", "num_entries", "covered_mass"):
+        assert torch.equal(getattr(one, field), getattr(two, field))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "all -inf"])
+def test_rows_without_a_distribution_raise(bad):
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(11))
+    if bad == "all -inf":
+        logits[2] = float("-inf")
+    else:
+        logits[2, 17] = bad
+    seq_index, position = torch.tensor([3, 3, 4, 4]), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(KdpipeError, match="sequence 4 position 0"):
+        rs_kd(logits, seq_index, position)
+    _, rows_without = _rs_kd_torch(logits, 50, 1.0, 7, 0, seq_index, position)
+    assert rows_without.tolist() == [False, False, True, False]

@@ -37,7 +37,7 @@ from rich.table import Table
 from transformers import AutoConfig
 
 from kdpipe.pipeline.corpus import CorpusReader, expand_inputs
-from kdpipe.pipeline.demo_corpus import build_stdlib_corpus
+from kdpipe.pipeline.demo_corpus import read_stdlib_sources, write_jsonl
 from kdpipe.pipeline.demo_teacher import SUMMARY_FILE, DemoTeacherConfig, train_demo_teacher, train_demo_tokenizer
 from kdpipe.pipeline.packing import assign_val
 from kdpipe.pipeline.prepare import prepare_data
@@ -190,7 +190,7 @@ def _corpus(config: DemoConfig, corpus_dir: Path, console: Console) -> tuple[Pat
         return train_path, val_path
     if config.corpus is None:
         source, more = "the embedded stdlib corpus", "raise --corpus-bytes"
-        documents = _stdlib_documents(config, corpus_dir)
+        documents = read_stdlib_sources(config.corpus_bytes).documents
     else:
         source, more = f"corpus {config.corpus}", "give more documents"
         reader = CorpusReader(expand_inputs([config.corpus]), text_field=config.text_field, batch_docs=1024, skip_bad_rows=False)
@@ -202,20 +202,10 @@ def _corpus(config: DemoConfig, corpus_dir: Path, console: Console) -> tuple[Pat
             f"{config.val_fraction}; {more} or raise --val-fraction (with a new --out)"
         )
     corpus_dir.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(val_path, [d for d, v in zip(documents, is_val) if v])
-    _write_jsonl(train_path, [d for d, v in zip(documents, is_val) if not v])  # written last: marks the stage complete
+    write_jsonl(val_path, [d for d, v in zip(documents, is_val) if v])
+    write_jsonl(train_path, [d for d, v in zip(documents, is_val) if not v])  # written last: marks the stage complete
     console.print(f"corpus: {int((~is_val).sum()):,} train and {int(is_val.sum()):,} val documents from {source}", highlight=False)
     return train_path, val_path
-
-
-def _stdlib_documents(config: DemoConfig, corpus_dir: Path) -> list[str]:
-    """The embedded corpus's documents, built in a scratch directory (`_corpus` re-splits them by the same hash)."""
-    scratch = corpus_dir.parent / f".corpus.tmp-{os.getpid()}"
-    try:
-        info = build_stdlib_corpus(scratch, max_bytes=config.corpus_bytes, val_fraction=config.val_fraction)
-        return [json.loads(line)["text"] for path in (info.train_path, info.val_path) for line in path.open(encoding="utf-8")]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _teacher(config: DemoConfig, out: Path, train_path: Path, val_path: Path, console: Console) -> tuple[Path, float | None]:
@@ -267,7 +257,7 @@ def _student_documents(config: DemoConfig, tokenizer_dir: Path, train_path: Path
             f"students: the corpus has {tokens:,} train tokens, fewer than --student-tokens {config.student_tokens:,}; "
             "students will repeat it", highlight=False,
         )  # fmt: skip
-    _write_jsonl(out_path, chosen)
+    write_jsonl(out_path, chosen)
     return out_path
 
 
@@ -353,12 +343,3 @@ def _result(run: RunMetrics, description: str, stats: CacheStats) -> StudentResu
         cache_logits_bytes_per_token=stats.logits_bytes_per_token,
         cache_bytes_per_token=stats.total_bytes / max(stats.tokens, 1),
     )  # fmt: skip
-
-
-def _write_jsonl(path: Path, documents: list[str]) -> None:
-    """One `{"text": ...}` per line, written under a temporary name and renamed (a killed run leaves no half file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8", newline="\n") as f:
-        for text in documents:
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    tmp.replace(path)

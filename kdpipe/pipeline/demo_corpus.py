@@ -34,6 +34,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from kdpipe.pipeline.packing import assign_val
 from kdpipe.schemas.errors import KdpipeError
@@ -73,18 +74,25 @@ class CorpusInfo:
         )
 
 
-def build_stdlib_corpus(out_dir: Path, *, max_bytes: int, val_fraction: float) -> CorpusInfo:
-    """Write `train.jsonl` and `val.jsonl` (`{"text": ...}` per line) into `out_dir` from the stdlib sources."""
+class StdlibSources(NamedTuple):
+    """The stdlib corpus's documents, before any split, and how many files went into them."""
+
+    documents: list[str]
+    num_files: int
+    """Files that gave at least one document."""
+    num_skipped: int
+    """Files left out: not UTF-8, or over the byte budget."""
+
+
+def read_stdlib_sources(max_bytes: int) -> StdlibSources:
+    """The standard library's sources within `max_bytes`, cut into documents (deterministic order)."""
     if max_bytes < 1:
         raise KdpipeError(f"corpus max_bytes must be positive (got {max_bytes})")
-    if not 0.0 < val_fraction < 1.0:
-        raise KdpipeError(f"corpus val_fraction must be in (0, 1) (got {val_fraction}): the demo needs a held-out split")
     root = Path(sysconfig.get_paths()["stdlib"])
     candidates = _source_files(root)
     if not candidates:
         raise KdpipeError(f"no Python sources found under the standard library directory {root}; is this a full Python install?")
     chosen, over_budget = _within_budget(root, candidates, max_bytes)
-
     documents: list[str] = []
     num_files = not_utf8 = 0
     for relative in chosen:
@@ -96,20 +104,28 @@ def build_stdlib_corpus(out_dir: Path, *, max_bytes: int, val_fraction: float) -
         pieces = split_source(relative, source)
         documents.extend(pieces)
         num_files += bool(pieces)
+    return StdlibSources(documents, num_files, over_budget + not_utf8)
+
+
+def build_stdlib_corpus(out_dir: Path, *, max_bytes: int, val_fraction: float) -> CorpusInfo:
+    """Write `train.jsonl` and `val.jsonl` (`{"text": ...}` per line) into `out_dir` from the stdlib sources."""
+    if not 0.0 < val_fraction < 1.0:
+        raise KdpipeError(f"corpus val_fraction must be in (0, 1) (got {val_fraction}): the demo needs a held-out split")
+    documents, num_files, num_skipped = read_stdlib_sources(max_bytes)
     is_val = assign_val(documents, val_fraction)  # (N,) bool
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_path, val_path = out_dir / "train.jsonl", out_dir / "val.jsonl"
-    _write_jsonl(train_path, [d for d, v in zip(documents, is_val) if not v])
-    _write_jsonl(val_path, [d for d, v in zip(documents, is_val) if v])
+    write_jsonl(train_path, [d for d, v in zip(documents, is_val) if not v])
+    write_jsonl(val_path, [d for d, v in zip(documents, is_val) if v])
     sizes = [len(d.encode("utf-8")) for d in documents]
     return CorpusInfo(
         train_path=train_path,
         val_path=val_path,
         python_version=f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}",
         num_files=num_files,
-        num_files_skipped=over_budget + not_utf8,
+        num_files_skipped=num_skipped,
         train_documents=int((~is_val).sum()),
         val_documents=int(is_val.sum()),
         train_bytes=sum(s for s, v in zip(sizes, is_val) if not v),
@@ -183,7 +199,7 @@ def _definition_starts(source: str, lines: list[str]) -> list[int]:
     return starts
 
 
-def _write_jsonl(path: Path, documents: list[str]) -> None:
+def write_jsonl(path: Path, documents: list[str]) -> None:
     """One `{"text": ...}` object per line, written to a temporary name and renamed (never half a file)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8", newline="\n") as f:

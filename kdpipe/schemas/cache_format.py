@@ -141,11 +141,16 @@ class CacheManifest:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        # A manifest is also read from disk: these checks are validation, not asserts (`python -O` keeps them).
         unknown = sorted(set(self.token_store.splits) - set(SPLIT_STREAMS))
-        assert not unknown, f"splits {unknown} have no RNG stream; known: {sorted(SPLIT_STREAMS)}"
+        if unknown:
+            raise ValueError(f"splits {unknown} have no RNG stream; known: {sorted(SPLIT_STREAMS)}")
+        if self.layout.sequences_per_shard < 1 or self.layout.sequences_per_chunk < 1:
+            raise ValueError("layout.sequences_per_shard and layout.sequences_per_chunk must be >= 1")
         for split, num_sequences in self.token_store.splits.items():
             expected = -(-num_sequences // self.layout.sequences_per_shard)
-            assert self.layout.shards.get(split) == expected, f"layout.shards[{split!r}] must be {expected}"
+            if self.layout.shards.get(split) != expected:
+                raise ValueError(f"layout.shards[{split!r}] must be {expected}")
 
     @property
     def fingerprint(self) -> str:
@@ -179,7 +184,7 @@ class CacheManifest:
         stored = data.pop("fingerprint", None)
         try:
             manifest = from_dict(cls, data, where=where)
-        except AssertionError as err:
+        except ValueError as err:
             raise KdpipeError(f"{where} is inconsistent ({err}); the cache is damaged, rebuild it") from None
         if stored != manifest.fingerprint:
             raise KdpipeError(f"{where} was modified after it was written (fingerprint mismatch); restore it or rebuild the cache")

@@ -196,7 +196,8 @@ class CacheShard:
         arrays = {}
         for name, (shape, dtype) in expected.items():
             array = group[name]
-            assert isinstance(array, zarr.Array), f"{name} is a group"
+            if not isinstance(array, zarr.Array):
+                raise self._damaged(f"{name} is a group, not an array")
             if array.shape != shape or str(array.dtype) != dtype:
                 raise self._damaged(f"array {name} is {array.dtype}{array.shape}, {cf.COMPLETE_FILE} implies {dtype}{shape}")
             arrays[name] = array

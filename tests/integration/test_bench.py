@@ -91,9 +91,14 @@ def test_suite_quick_collects_the_table_and_leaves_benchmarks_alone(tmp_path: Pa
     for row in rows:
         assert_wellformed(row)
     assert {row["bench"] for row in rows} == {"prepare"}
-    assert {row["metric"]: row["goal"] for row in rows}["prepare-data / raw tokenizer encode_batch, text tokens/s"] == ">= 0.8"
-    table = [line for line in done.stdout.splitlines() if line.startswith("| prepare |")]
+    # The printed table reports every figure with its goal and whether this run met it (not asserted here:
+    # a missed goal is a result, printed and recorded in BENCHMARKS.md).
+    suite = load_bench("suite")
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in done.stdout.splitlines() if line.startswith("| prepare |")]
     assert len(table) == len(rows)
+    for cells, row in zip(table, rows):
+        met = suite.goal_met(row["value"], row["goal"])
+        assert cells == ["prepare", row["metric"], suite.format_value(row["value"], row["unit"]), row["goal"] or "", {None: "", True: "yes", False: "NO"}[met]]
     assert "summary written" not in done.stdout
     assert (REPO / "BENCHMARKS.md").read_text() == benchmarks
 
@@ -107,11 +112,14 @@ def test_train_bench_writes_its_ratios(tmp_path: Path) -> None:
     assert result["bench"] == "train" and result["machine"]["torch_threads"] == 1
     for row in result["rows"]:
         assert_wellformed(row)
-        assert row["unit"] == "ratio" and row["goal"]
-    goals = {row["metric"]: row["goal"] for row in result["rows"]}
-    assert goals["train step LRC, KD+LM / LM-only (CPU s)"] == "<= 1.10"
-    assert goals["train step LRC KD+LM+clone / plain exported arch LM-only (CPU s)"] == "<= 1.25"
-    assert goals["loader batches/s / LRC KD+LM+clone steps/s (CPU s)"] == ">= 5"
+        assert row["unit"] == "ratio"
+    # The printed report carries the same figures (CPU ratio column) and says per goal whether it was met.
+    ratios = {row["metric"]: row["value"] for row in result["rows"]}
+    printed = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in done.stdout.splitlines() if line.startswith("| ")}
+    kd_lm = printed["LRC step, KD+LM / LM-only"]
+    assert kd_lm[3] == f"{ratios['train step LRC, KD+LM / LM-only (CPU s)']:.2f}" and kd_lm[5] in ("yes / yes", "yes / NO", "NO / yes", "NO / NO")
+    loader = printed["loader batches/s (num_workers 0) / LRC KD+LM+clone steps/s"]
+    assert loader[3] == f"{ratios['loader batches/s / LRC KD+LM+clone steps/s (CPU s)']:.1f}x"
 
 
 def test_summary_section_goes_first_and_is_replaced_in_place() -> None:

@@ -46,7 +46,7 @@ app = typer.Typer(
 def main() -> None:
     """Console entry point: run the app, turning user mistakes (ours and click's) into one line and exit code 2."""
     try:
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False)  # the status of a typer.Exit; 130 after Ctrl-C
     except KdpipeError as err:
         _fail(str(err), err.exit_code)
     except typer.TyperException as err:  # typer's (vendored) click errors: unknown option, bad value, missing argument
@@ -56,8 +56,9 @@ def main() -> None:
             sys.exit(err.exit_code)
         _fail(f"{err.format_message()} (see `{ctx.command_path} --help`)", err.exit_code)
     except typer.Abort:
+        code = 130
+    if code == 130:
         Console(stderr=True).print("interrupted; complete outputs are kept and a re-run resumes")
-        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -28,7 +28,7 @@ from kdpipe.schemas.token_store import TokenStore
 from kdpipe.schemas.tokenizer import load_tokenizer, tokenizer_fingerprint
 from kdpipe.teacher_cache.backend import TeacherModel, check_tokenizer_compat
 from kdpipe.teacher_cache.packing import count_dtype, entry_layout
-from kdpipe.teacher_cache.snapshots import parse_layer_spec, snapshot_positions
+from kdpipe.teacher_cache.snapshot_positions import parse_layer_spec, snapshot_positions
 
 # Anshumann et al. 2025 report about 12 unique ids per position at N=50 on real teachers;
 # the dry run uses it as the typical entry count (the real number follows the teacher's entropy).

@@ -236,7 +236,7 @@ class CacheShard:
     def _decode(self, arrays: dict[str, Any], layer: int, term: str, start: int, stop: int) -> np.ndarray:
         # Imported here: the codecs' module pulls in torch and transformers (snapshot capture),
         # which `kdpipe inspect`/`verify` and snapshot-free caches never need.
-        from kdpipe.teacher_cache.snapshots import decode_bf16, decode_fp8
+        from kdpipe.teacher_cache.snapshot_codecs import decode_bf16, decode_fp8
 
         bits = np.asarray(arrays[cf.snapshot_array(layer, term)][start:stop])  # (n, K, d)
         if self.manifest.snapshot.dtype == "bf16":

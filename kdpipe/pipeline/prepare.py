@@ -4,7 +4,9 @@ Order of work: expand the inputs, load the tokenizer, fingerprint (tokenizer + i
 the options that shape the content); if `--out` already holds a store with that fingerprint
 there is nothing to do, if it holds another one the run is refused unless `--overwrite`.
 The store is then built in a temporary directory beside `--out` and renamed into place
-when complete, so an interrupted run leaves no half-written store behind.
+when complete, so an interrupted run leaves no half-written store behind. An `--out` that
+cannot be written is refused before tokenizing starts; a full disk ends the run with one line
+and removes the temporary directory.
 
 Throughput: tokenization (the tokenizers library's Rust batch encoder, parallel over the
 cores, GIL released) runs in a worker thread one batch ahead, while the main thread reads
@@ -14,6 +16,7 @@ tokenization instead of adding to it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -35,6 +38,7 @@ from kdpipe.pipeline.corpus import CorpusReader, DocumentBatch, InputFile, expan
 from kdpipe.pipeline.packing import PackedSequences, PlacedDocuments, SequencePacker, assign_val
 from kdpipe.schemas.config import to_dict, write_resolved
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.out_dir import check_writable_dir
 from kdpipe.schemas.prepare_config import PrepareDataConfig
 from kdpipe.schemas.token_store import FORMAT, SCHEMA_VERSION, SPLIT_NAMES, TokenStore, TokenStoreWriter
 from kdpipe.schemas.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -120,6 +124,7 @@ def prepare_data(config: PrepareDataConfig) -> PrepareSummary:
     if existing is not None:
         return _summary(out, existing.manifest, up_to_date=True, started=started)
 
+    check_writable_dir(out, "--out", beside=True)  # the store is built beside --out, then renamed
     out.parent.mkdir(parents=True, exist_ok=True)
     build_dir = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(build_dir, ignore_errors=True)  # left by a killed run that had this process id
@@ -129,8 +134,13 @@ def prepare_data(config: PrepareDataConfig) -> PrepareSummary:
         write_resolved(config, build_dir / "config.yaml")
         tokenizer.save_pretrained(str(build_dir / "tokenizer"))
         _move_into_place(build_dir, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(build_dir, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise KdpipeError(
+                f"out of disk space (or quota) writing token store {out}: {shutil.disk_usage(out.parent).free:,} bytes free; "
+                "free space and re-run the same command"
+            ) from None
         raise
     return _summary(out, manifest, up_to_date=False, started=started)
 

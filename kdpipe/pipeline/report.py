@@ -9,13 +9,15 @@ Reads what `kdpipe train-student` leaves in each run directory:
   (`confidence`, `accuracy`, `count` per bin, None for empty bins; see
   `kdpipe.student_train.metrics`). An eval record without `tokens` is placed at the tokens of
   the last train record before it. A key a run never wrote shows as "–"; a truncated last
-  line (a run killed mid-write) is ignored.
+  line (a run killed mid-write) is ignored; a file that is not UTF-8 JSON lines, or a record
+  whose numbers are not numbers, is refused with one line naming the file and line.
 - `config.yaml`, the resolved run config, for `cache`: when that cache still exists its
   size per token is read from disk (`kdpipe.teacher_cache.inspect.cache_stats`).
 
 Writes into `--out`: `loss_curves.png` (held-out LM loss and smoothed train LM loss against
 tokens, a line per run), `calibration.png` (reliability diagram and confidence histogram of
-each run's last eval) and `report.md` (the table and both images).
+each run's last eval) and `report.md` (the table and both images). An `--out` that is a file
+or cannot be written is refused before any run is read.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.out_dir import check_writable_dir
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -75,7 +78,11 @@ def load_run(run_dir: Path, name: str | None = None) -> RunMetrics:
     if not metrics_path.is_file():
         raise KdpipeError(f"run {run_dir} has no {METRICS_FILE}; pass directories written by `kdpipe train-student`")
     run = RunMetrics(name=name or run_dir.name, path=run_dir)
-    lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    not_metrics = "pass run directories written by `kdpipe train-student`"
+    try:
+        lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise KdpipeError(f"{metrics_path} is not UTF-8 text (byte {err.start:,} is not); {not_metrics}") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -86,10 +93,16 @@ def load_run(run_dir: Path, name: str | None = None) -> RunMetrics:
                 break  # the line a killed run was writing
             raise KdpipeError(f"{metrics_path} line {number} is not JSON; the file is damaged, re-run or repair it") from None
         if isinstance(record, dict):
-            _add_record(run, record)
+            try:
+                _add_record(run, record)
+            except (TypeError, ValueError) as err:
+                raise KdpipeError(f"{metrics_path} line {number} holds a value that is not a number ({err}); {not_metrics}") from None
     config_path = run_dir / CONFIG_FILE
     if config_path.is_file():
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        try:
+            config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError):
+            raise KdpipeError(f"{config_path} is not a readable YAML file; {not_metrics}") from None
         cache = config.get("cache") if isinstance(config, dict) else None
         run.cache = Path(cache) if cache else None
     return run
@@ -117,6 +130,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     """Read the runs, draw both figures and write report.md into `out_dir`; returns report.md's path."""
     if not run_dirs:
         raise KdpipeError("report needs at least one RUN_DIR (a directory written by `kdpipe train-student`)")
+    check_writable_dir(Path(out_dir), "--out")
     names = [Path(d).name for d in run_dirs]
     runs = [load_run(d, name=str(d) if names.count(n) > 1 else n) for d, n in zip(run_dirs, names)]
     _measure_caches(runs)

@@ -9,6 +9,7 @@ kdpipe.teacher_cache.run), so keep them fixed within one cache.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -68,8 +69,8 @@ class CacheTeacherConfig:
         for name, value in positive.items():
             if value < 1:
                 raise KdpipeError(f"cache-teacher option {name}={value} must be >= 1")
-        if not self.temperature > 0:
-            raise KdpipeError(f"cache-teacher option temperature={self.temperature} must be > 0")
+        if not 0 < self.temperature < math.inf:  # inf would make every target uniform, NaN every target NaN
+            raise KdpipeError(f"cache-teacher option temperature={self.temperature} must be a finite number > 0")
         if not 0.0 < self.top_p <= 1.0:
             raise KdpipeError(f"cache-teacher option top_p={self.top_p} must be in (0, 1]")
         if not 0.0 < self.snapshot_fraction <= 1.0:

@@ -3,8 +3,10 @@
 A store is a directory:
 
 - `manifest.json` — format, schema version, fingerprint, tokenizer fingerprint, vocab size,
-  seq_len, the BOS/EOS/pad ids used, tail mode, inputs (path, bytes, blake2b), the config
-  and per-split counts. Written last; sorted keys, no timestamps, so equal builds give equal bytes.
+  seq_len, the BOS/EOS/pad ids used, tail mode, inputs (path, bytes, blake2b), the config,
+  per-split counts and `files`: every file of the split groups and document tables, by path
+  relative to the store, with its size and crc32c (`kdpipe.schemas.checksums`). Written last;
+  sorted keys, no timestamps, so equal builds give equal bytes.
 - `config.yaml` — the resolved run config; `tokenizer/` — a copy of the tokenizer.
 - one Zarr v3 group per split (`train/`, `val/`; a split may hold 0 sequences):
   `tokens` int32 `(num_sequences, seq_len)` chunked by 256 rows; `doc_starts` int32, flat,
@@ -19,19 +21,27 @@ A store is a directory:
   file is the document), `num_tokens` (tokens the document occupies, separators included),
   `first_sequence`/`first_position` (where its first token landed; -1 when it fell in a
   dropped tail; a document may run past the last stored sequence when the tail was dropped).
+
+Damage never reaches a later stage as wrong tokens: `TokenStore.open` checks that every file
+`files` lists exists with its recorded size (a stat per file: a truncated or deleted chunk
+fails even a dry run), `TokenSplit.tokens` checks each chunk's crc32c before its first read
+(a flipped bit fails cache-teacher, naming the chunk), and `verify_token_store` checks every
+file. A store written before `files` existed opens without these checks; `checksum_note`
+says so in one line.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import zarr
 from zarr.codecs import ZstdCodec
 
+from kdpipe.schemas.checksums import file_crc32c
 from kdpipe.schemas.errors import KdpipeError
 
 FORMAT = "kdpipe.token_store"
@@ -138,6 +148,10 @@ class TokenStoreWriter:
             expected = manifest["splits"][name]["num_sequences"]
             assert self._tokens[name].num_written == expected, (name, self._tokens[name].num_written, expected)
         self.close()
+        manifest["files"] = {
+            name: {"bytes": (self.path / name).stat().st_size, "crc32c": file_crc32c(self.path / name)}
+            for name in _data_files(self.path)
+        }
         text = json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
         (self.path / "manifest.json").write_text(text, encoding="utf-8")
 
@@ -151,13 +165,19 @@ class TokenStoreWriter:
 class TokenSplit:
     """One split of a store. Zarr arrays open on first access, so a split can be pickled into loader workers."""
 
-    def __init__(self, store_path: Path, name: str, num_sequences: int, seq_len: int, num_padding: int) -> None:
+    def __init__(
+        self, store_path: Path, name: str, num_sequences: int, seq_len: int, num_padding: int,
+        files: dict[str, dict[str, Any]] | None = None,
+    ) -> None:  # fmt: skip
+        self.store_path = Path(store_path)
         self.path = Path(store_path) / name
         self.documents_path = Path(store_path) / f"documents-{name}.arrow"
         self.name = name
         self.num_sequences = num_sequences
         self.seq_len = seq_len
         self.num_padding = num_padding
+        self._files = files  # the manifest's `files`; None for a store written before checksums
+        self._verified_chunks: set[int] = set()  # token chunks whose crc32c matched, checked once each
         self._arrays: dict[str, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -179,7 +199,28 @@ class TokenSplit:
         """Sequences `[start, stop)` as `(stop - start, seq_len)` int32."""
         if not 0 <= start <= stop <= self.num_sequences:
             raise IndexError(f"sequences [{start}, {stop}) out of range for split '{self.name}' of {self.num_sequences}")
-        return self._open()["tokens"][start:stop]
+        tokens = self._open()["tokens"]
+        if self._files is not None and stop > start:
+            for chunk in range(start // ROWS_PER_CHUNK, (stop - 1) // ROWS_PER_CHUNK + 1):
+                if chunk not in self._verified_chunks:
+                    self._verify_chunk(tokens, chunk)
+                    self._verified_chunks.add(chunk)
+        return tokens[start:stop]
+
+    def _verify_chunk(self, tokens: Any, chunk: int) -> None:
+        """Compare one `tokens` chunk file with its recorded crc32c (an unlisted chunk is all fill value, never stored)."""
+        assert self._files is not None
+        name = f"{self.name}/tokens/{tokens.metadata.encode_chunk_key((chunk, 0))}"
+        first, last = chunk * ROWS_PER_CHUNK, min((chunk + 1) * ROWS_PER_CHUNK, self.num_sequences) - 1
+        what = f"chunk {name} (split '{self.name}' sequences {first}..{last})"
+        recorded, path = self._files.get(name), self.store_path / name
+        if recorded is None:
+            if path.exists():
+                raise damaged_store_error(self.store_path, f"{what} is not in the manifest")
+        elif not path.is_file():
+            raise damaged_store_error(self.store_path, f"{what} is missing")
+        elif file_crc32c(path) != recorded["crc32c"]:
+            raise damaged_store_error(self.store_path, f"{what} fails its checksum")
 
     def doc_starts(self, index: int) -> np.ndarray:
         """Positions in sequence `index` where a document begins, int32, ascending."""
@@ -209,6 +250,7 @@ class TokenStore:
         self.bos_id: int | None = manifest["bos_id"]
         self.pad_id: int | None = manifest["pad_id"]
         self.tokenizer_dir = self.path / "tokenizer"
+        self.files: dict[str, dict[str, Any]] | None = manifest.get("files")  # None: written before checksums
         counts = manifest["splits"]
         self.splits: list[str] = [n for n in sorted(counts, key=lambda n: (n != "train", n)) if counts[n]["num_sequences"] > 0]
 
@@ -238,7 +280,21 @@ class TokenStore:
             raise KdpipeError(f"token store {path} lacks its tokenizer/ copy; {rebuild}")
         for name, counts in manifest["splits"].items():
             store._check_split(name, counts["num_sequences"], rebuild)
+        for name, recorded in (store.files or {}).items():
+            problem = _size_problem(path / name, recorded["bytes"])
+            if problem:
+                raise damaged_store_error(path, f"file {name} {problem}")
         return store
+
+    @property
+    def checksum_note(self) -> str | None:
+        """One line for a store written before checksums were recorded (None when they are)."""
+        if self.files is not None:
+            return None
+        return (
+            f"token store {self.path} records no checksums (written by an older kdpipe), so damage to it goes unnoticed; "
+            "rebuild it with `kdpipe prepare-data ... --overwrite` to add them"
+        )
 
     def _check_split(self, name: str, num_sequences: int, rebuild: str) -> None:
         try:
@@ -260,4 +316,72 @@ class TokenStore:
         counts = self.manifest["splits"].get(name)
         if counts is None:
             raise KdpipeError(f"token store {self.path} has no split '{name}' (it has: {', '.join(self.manifest['splits'])})")
-        return TokenSplit(self.path, name, counts["num_sequences"], self.seq_len, counts["num_padding"])
+        return TokenSplit(self.path, name, counts["num_sequences"], self.seq_len, counts["num_padding"], self.files)
+
+
+def damaged_store_error(path: Path, what: str) -> KdpipeError:
+    """The one-line error for a damaged file of the token store at `path`."""
+    return KdpipeError(f"token store {path}: {what}; the store is damaged, rebuild it with `kdpipe prepare-data ... --out {path} --overwrite`")
+
+
+def _data_files(root: Path) -> list[str]:
+    """Every file of the split groups and document tables, relative to the store root, sorted (not the manifest, config or tokenizer)."""
+    names = []
+    for split in SPLIT_NAMES:
+        names += [p.relative_to(root).as_posix() for p in (root / split).rglob("*") if p.is_file()]
+        if (root / f"documents-{split}.arrow").is_file():
+            names.append(f"documents-{split}.arrow")
+    return sorted(names)
+
+
+def _size_problem(path: Path, size: int) -> str | None:
+    """Why a listed file cannot be what the writer wrote, judged by a stat alone, or None."""
+    if not path.is_file():
+        return "is missing"
+    actual = path.stat().st_size
+    return None if actual == size else f"holds {actual:,} bytes, the manifest records {size:,} (truncated or overwritten)"
+
+
+class TokenStoreVerifyReport(NamedTuple):
+    """What `verify_token_store` found: every recorded file matched (damage raises instead)."""
+
+    path: Path
+    num_files: int
+    note: str | None  # set when the store records no checksums, so nothing could be checked
+
+    @property
+    def shards(self) -> list[Any]:
+        return []  # a token store has no cache shards; read alike with a cache's VerifyReport
+
+    @property
+    def bad(self) -> list[Any]:
+        return []
+
+    def summary(self) -> str:
+        """One line: what was checked."""
+        if self.note:
+            return self.note
+        return f"token store {self.path}: {self.num_files} files ok (sizes and crc32c checksums)"
+
+
+def verify_token_store(path: Path | str) -> TokenStoreVerifyReport:
+    """Re-read every file the manifest lists and compare its crc32c; raise naming the first damaged or unexpected file."""
+    store = TokenStore.open(Path(path))  # sizes of every listed file are checked here
+    if store.files is None:
+        return TokenStoreVerifyReport(store.path, 0, store.checksum_note)
+    for name, recorded in store.files.items():
+        if file_crc32c(store.path / name) != recorded["crc32c"]:
+            raise damaged_store_error(store.path, f"file {name} fails its checksum")
+    unexpected = sorted(set(_data_files(store.path)) - store.files.keys())
+    if unexpected:
+        raise damaged_store_error(store.path, f"file {unexpected[0]} is not in the manifest")
+    return TokenStoreVerifyReport(store.path, len(store.files), None)
+
+
+def is_token_store(path: Path | str) -> bool:
+    """Whether `path` is a directory whose manifest says it is a token store (damaged or not)."""
+    manifest_path = Path(path) / "manifest.json"
+    try:
+        return json.loads(manifest_path.read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -1,8 +1,12 @@
-"""Check and describe a teacher cache: `verify_cache` (checksums) and `cache_stats` (sizes, targets).
+"""Check and describe a teacher cache: `verify_cache` (checksums), `scan_cache` (cheap) and `cache_stats` (sizes, targets).
 
 `verify_cache` re-reads every file of every complete shard and compares it with the crc32c in
 its `complete.json`; it reports each shard as ok, missing, partial (a tmp dir is left from an
-interrupted writer: the shard will be redone) or bad (with the reason). `cache_stats` measures
+interrupted writer: the shard will be redone) or bad (with the reason). Given a token store
+instead of a cache, it verifies the store (`kdpipe verify TOKEN_STORE`). `scan_cache` makes the
+same report from directory listings alone (every file a completion record lists exists and is
+not empty, no file it does not list), which is what `cache_stats` refuses a damaged cache on:
+`kdpipe inspect` never prints bytes per token of a shard that lost a file. `cache_stats` measures
 what the cache costs and holds: bytes per token from the files on disk, split into the sparse
 logits arrays, the snapshot arrays and the token ids; unique ids per position; covered mass.
 """
@@ -13,15 +17,16 @@ import dataclasses
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-import crc32c
 import numpy as np
 import zarr
 from rich.table import Table
 
 from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.cache_format import CacheManifest, ShardRecord
+from kdpipe.schemas.checksums import file_crc32c
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.teacher_cache.reader import open_cache
+from kdpipe.schemas.token_store import TokenStoreVerifyReport, is_token_store, verify_token_store
+from kdpipe.teacher_cache.reader import TeacherCache, open_cache
 
 _LOGITS_ARRAYS = (cf.NUM_ENTRIES, cf.SEQ_ENTRY_OFFSETS, cf.ENTRIES, cf.GHOST)
 _SNAPSHOT_ARRAYS = (cf.SNAP_POSITIONS, cf.SNAP_GROUP)
@@ -59,14 +64,24 @@ class VerifyReport(NamedTuple):
         return f"{self.path}: {len(self.shards)} shards: {counts}"
 
 
-def verify_cache(path: Path | str) -> VerifyReport:
-    """Re-check the checksum of every file of every complete shard."""
-    cache = open_cache(path)
+def verify_cache(path: Path | str) -> VerifyReport | TokenStoreVerifyReport:
+    """Re-check the checksum of every file of every complete shard (or of a token store, which raises on damage)."""
+    if is_token_store(path):
+        return verify_token_store(path)
+    return _report(open_cache(path), checksums=True)
+
+
+def scan_cache(path: Path | str) -> VerifyReport:
+    """`verify_cache` without reading file contents: listed files present and non-empty, no unlisted ones."""
+    return _report(open_cache(path), checksums=False)
+
+
+def _report(cache: TeacherCache, *, checksums: bool) -> VerifyReport:
     verdicts = []
     for split, index in cache.manifest.global_shards():
         final = cf.shard_dir(cache.path, split, index)
         if (final / cf.COMPLETE_FILE).is_file():
-            reason = _shard_problem(final, cache.manifest, split, index)
+            reason = shard_problem(final, cache.manifest, split, index, checksums=checksums)
             verdicts.append(ShardVerdict(split, index, "bad", reason) if reason else ShardVerdict(split, index, "ok", ""))
         elif final.exists():
             verdicts.append(ShardVerdict(split, index, "missing", f"{cf.COMPLETE_FILE} is gone; will be redone"))
@@ -84,8 +99,12 @@ def _tmp_dirs(cache_dir: Path, split: str, index: int) -> list[Path]:
     return [p for p in root.iterdir() if cf.tmp_shard_index(p.name) == index]
 
 
-def _shard_problem(directory: Path, manifest: CacheManifest, split: str, index: int) -> str | None:
-    """Why a shard with a completion record is not what its writer wrote, or None."""
+def shard_problem(directory: Path, manifest: CacheManifest, split: str, index: int, *, checksums: bool) -> str | None:
+    """Why a shard with a completion record is not what its writer wrote, or None.
+
+    Without `checksums` only the directory listing is read (a missing, empty or unlisted
+    file); with them every file's crc32c is compared too.
+    """
     record_path = directory / cf.COMPLETE_FILE
     try:
         record = ShardRecord.from_json(record_path.read_text(encoding="utf-8"), where=str(record_path))
@@ -97,7 +116,9 @@ def _shard_problem(directory: Path, manifest: CacheManifest, split: str, index: 
     for name in sorted(record.files):
         if name not in on_disk:
             return f"file {name} is missing"
-        if f"{crc32c.crc32c((directory / name).read_bytes()):08x}" != record.files[name]:
+        if (directory / name).stat().st_size == 0:  # zarr never writes an empty file: a torn write
+            return f"file {name} is empty"
+        if checksums and file_crc32c(directory / name) != record.files[name]:
             return f"file {name} fails its checksum"
     unexpected = sorted(on_disk - record.files.keys())
     if unexpected:
@@ -125,8 +146,18 @@ class CacheStats:
 
 
 def cache_stats(path: Path | str) -> CacheStats:
-    """Sizes from the files on disk, unique ids per position from `num_entries`, mass from complete.json."""
+    """Sizes from the files on disk, unique ids per position from `num_entries`, mass from complete.json.
+
+    Refuses a cache with a damaged complete shard (`scan_cache`), naming it: its sizes would be wrong.
+    """
     cache = open_cache(path)
+    damaged = _report(cache, checksums=False).bad
+    if damaged:
+        more = f" (and {len(damaged) - 1} more damaged shards)" if len(damaged) > 1 else ""
+        raise KdpipeError(
+            f"cache {cache.path}: shard {damaged[0].name} is damaged ({damaged[0].reason}){more}; "
+            f"run `kdpipe verify {cache.path}` and redo it with `kdpipe cache-teacher --repair`"
+        )
     missing = set(cache.missing_shards())
     complete = [key for key in cache.manifest.global_shards() if key not in missing]
     sequences = positions = 0

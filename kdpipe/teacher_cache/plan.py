@@ -1,10 +1,13 @@
 """Check the inputs of `cache-teacher` and work out what this task has to write.
 
-Everything that can be wrong with the user's inputs is found here, before the teacher runs:
-a missing or non-causal teacher, a token store built with another tokenizer, a vocabulary or
-sequence length the teacher cannot serve, an unknown snapshot layer, an output directory
-that holds something else. The plan also carries the manifest (what decides the cache's
-content), this task's shards, and the size estimates `--dry-run` prints.
+Everything that can be wrong with the user's inputs is found here, before the teacher runs
+and before anything is written (so `--dry-run` finds it too, and a refused run leaves nothing
+that blocks the corrected one): a missing, non-causal or truncated teacher, a token store
+built with another tokenizer or with a damaged file, a vocabulary or sequence length the
+teacher cannot serve, a top-k beyond the vocabulary, an unknown snapshot layer, an output
+directory that holds something else or cannot be written. The plan also carries the manifest
+(what decides the cache's content), this task's shards, with `--repair` the complete shards
+that fail verification, and the size estimates `--dry-run` prints.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ from kdpipe.schemas.cache_format import (
     CacheManifest, EntryFormat, LayoutInfo, SamplerInfo, SnapshotInfo, TeacherInfo, TokenStoreInfo,
 )  # fmt: skip
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.out_dir import check_writable_dir
 from kdpipe.schemas.token_store import TokenStore
 from kdpipe.schemas.tokenizer import load_tokenizer, tokenizer_fingerprint
 from kdpipe.teacher_cache.backend import TeacherModel, check_tokenizer_compat
+from kdpipe.teacher_cache.inspect import shard_problem
 from kdpipe.teacher_cache.packing import count_dtype, entry_layout
 from kdpipe.teacher_cache.snapshot_positions import parse_layer_spec, snapshot_positions
+from kdpipe.teacher_cache.weight_files import check_safetensors_files
 
 # Anshumann et al. 2025 report about 12 unique ids per position at N=50 on real teachers;
 # the dry run uses it as the typical entry count (the real number follows the teacher's entropy).
@@ -63,6 +69,7 @@ class CachePlan:
     all_shards: list[TaskShard]  # every shard of the selected splits, in global order
     task_shards: list[TaskShard]  # this task's: global shards i, i+n, i+2n, ...
     complete: set[tuple[str, int]]  # (split, index) of this task's shards already complete on disk
+    repairs: list[tuple[TaskShard, str]]  # --repair: this task's complete shards failing verification, and why
     out_state: Literal["new", "resume", "replace"]  # replace: another cache is there and --overwrite was given
     logits_bytes_per_token: float  # estimate, uncompressed (see `describe`)
     snapshot_bytes_per_token: float  # exact before compression
@@ -82,7 +89,7 @@ class CachePlan:
         seq_len = m.token_store.seq_len
         bytes_per_token = self.logits_bytes_per_token + self.snapshot_bytes_per_token + _TOKEN_ID_BYTES
         all_tokens = sum(s.row_stop - s.row_start for s in self.all_shards) * seq_len
-        task_tokens = sum(s.row_stop - s.row_start for s in self.pending) * seq_len
+        task_tokens = sum(s.row_stop - s.row_start for s in self.pending + [s for s, _ in self.repairs]) * seq_len
         per_split = ", ".join(f"{split} {n}" for split, n in m.layout.shards.items() if n and split in _selected(c, self.store))
         if m.sampler.mode == "rs-kd":
             sampler = f"rs-kd, N={m.sampler.num_draws} draws at temperature {m.sampler.temperature}, seed {m.sampler.seed}"
@@ -115,13 +122,22 @@ class CachePlan:
             f"  sampler    {sampler}",
             f"  snapshots  {snapshots}",
             f"  shards     {len(self.all_shards)} in total ({per_split or 'none'}), {m.layout.sequences_per_shard} sequences each; "
-            f"task {self.task_index} of {self.num_tasks} takes {len(self.task_shards)}, {len(self.pending)} to write",
+            f"task {self.task_index} of {self.num_tasks} takes {len(self.task_shards)}, {len(self.pending) + len(self.repairs)} to write"
+            + (f" ({len(self.repairs)} of them redone by --repair)" if self.repairs else ""),
             f"  bytes/token logits ~{self.logits_bytes_per_token:.1f} (estimated before compression, "
             f"{m.layout.entry.bytes_per_entry} B per entry {basis}), snapshots {self.snapshot_bytes_per_token:.1f}, "
             f"token ids {_TOKEN_ID_BYTES}",
             f"  total      ~{_size(bytes_per_token * all_tokens)} for {all_tokens:,} tokens; "
             f"this task ~{_size(bytes_per_token * task_tokens)} for {task_tokens:,} tokens",
         ]
+        if self.config.repair and self.out_state == "resume":
+            if self.repairs:
+                shown = ", ".join(f"{shard.name} ({why})" for shard, why in self.repairs[:5]) + (", ..." if len(self.repairs) > 5 else "")
+                lines.append(f"  repair     {len(self.repairs)} complete shards fail verification and will be redone: {shown}")
+            else:
+                lines.append(f"  repair     all {len(self.complete)} complete shards of this task pass verification")
+        if self.store.checksum_note:
+            lines.append(f"  note       {self.store.checksum_note}")
         return "\n".join(lines)
 
 
@@ -129,6 +145,7 @@ def plan_cache(config: CacheTeacherConfig) -> CachePlan:
     """Open and cross-check the token store and the teacher, and list this task's shards."""
     store = TokenStore.open(config.tokens)
     selected = _selected(config, store)
+    check_safetensors_files(config.teacher)  # a truncated file would fail deep inside transformers
     teacher = _load_teacher_quietly(config)
     teacher_tokenizer = _teacher_tokenizer_fingerprint(config.teacher)
     if teacher_tokenizer != store.tokenizer_fingerprint:
@@ -139,6 +156,11 @@ def plan_cache(config: CacheTeacherConfig) -> CachePlan:
     # prepare-data only writes ids of its tokenizer, so the vocabulary bounds the ids; each
     # batch is checked again before it reaches the embedding.
     check_tokenizer_compat(teacher.info, store.vocab_size, store.vocab_size - 1, store.seq_len)
+    if config.mode != "rs-kd" and config.top_k > teacher.info.vocab_size:
+        raise KdpipeError(
+            f"--top-k {config.top_k} is larger than the vocabulary of teacher {config.teacher} "
+            f"({teacher.info.vocab_size} LM-head rows); use --top-k {teacher.info.vocab_size} or less"
+        )
     layers = parse_layer_spec(config.snapshot_layers, teacher.info.num_layers)
     for layer in layers:  # structural checks now, not after the first forward
         teacher.ffn(layer)
@@ -156,6 +178,13 @@ def plan_cache(config: CacheTeacherConfig) -> CachePlan:
     complete = set()
     if out_state == "resume":
         complete = {(s.split, s.index) for s in task_shards if (cf.shard_dir(config.out, s.split, s.index) / cf.COMPLETE_FILE).is_file()}
+    repairs = []
+    if config.repair:  # the same full check `kdpipe verify` makes, on this task's complete shards only
+        for shard in task_shards:
+            if (shard.split, shard.index) in complete:
+                why = shard_problem(cf.shard_dir(config.out, shard.split, shard.index), manifest, shard.split, shard.index, checksums=True)
+                if why:
+                    repairs.append((shard, why))
     return CachePlan(
         config=config,
         teacher=teacher,
@@ -166,6 +195,7 @@ def plan_cache(config: CacheTeacherConfig) -> CachePlan:
         all_shards=all_shards,
         task_shards=task_shards,
         complete=complete,
+        repairs=repairs,
         out_state=out_state,
         logits_bytes_per_token=_logits_bytes_per_token(manifest),
         snapshot_bytes_per_token=_snapshot_bytes_per_token(manifest),
@@ -268,6 +298,7 @@ def _check_out_dir(config: CacheTeacherConfig, manifest: CacheManifest) -> Liter
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise KdpipeError(f"--out {out} is a file, not a directory; use another --out")
+    check_writable_dir(out, "--out")
     manifest_path = out / cf.MANIFEST_FILE
     if not manifest_path.is_file():
         leftovers = [name for name in os.listdir(out) if not name.startswith(cf.TMP_PREFIX)] if out.is_dir() else []
@@ -325,3 +356,4 @@ def _size(num_bytes: float) -> str:
             return f"{num_bytes:.1f} {unit}"
         num_bytes /= 1000
     return f"{num_bytes:.1f} TB"
+

@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.schemas.token_store import FORMAT, ROWS_PER_CHUNK, TokenStore, TokenStoreWriter
+from kdpipe.schemas.token_store import FORMAT, ROWS_PER_CHUNK, TokenStore, TokenStoreWriter, verify_token_store
 
 SEQ_LEN = 8
 
@@ -103,3 +103,50 @@ def test_open_refuses_damaged_stores(tmp_path, damage, message):
     with pytest.raises(KdpipeError) as err:
         TokenStore.open(tmp_path / "s")
     assert message in str(err.value) and str(tmp_path / "s") in str(err.value)
+
+
+def test_manifest_records_size_and_crc32c_of_every_data_file(tmp_path):
+    write_store(tmp_path / "s", num_train=600)
+    files = TokenStore.open(tmp_path / "s").files
+    assert files is not None and {"train/tokens/c/0/0", "train/tokens/c/2/0", "documents-train.arrow"} <= files.keys()
+    assert not any(name.startswith(("tokenizer/", "manifest")) for name in files)
+    for name, recorded in files.items():
+        assert recorded["bytes"] == (tmp_path / "s" / name).stat().st_size
+    assert verify_token_store(tmp_path / "s").summary() == f"token store {tmp_path / 's'}: {len(files)} files ok (sizes and crc32c checksums)"
+
+
+def test_flipped_bit_in_a_token_chunk_fails_its_first_read_naming_the_chunk(tmp_path):
+    write_store(tmp_path / "s", num_train=600)
+    chunk = tmp_path / "s" / "train" / "tokens" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    split = TokenStore.open(tmp_path / "s").split("train")  # same size: opens
+    split.tokens(0, 256)  # chunk 0 is whole
+    with pytest.raises(KdpipeError, match=r"chunk train/tokens/c/1/0 \(split 'train' sequences 256\.\.511\) fails its checksum.*--overwrite"):
+        split.tokens(250, 260)
+    with pytest.raises(KdpipeError, match=r"file train/tokens/c/1/0 fails its checksum"):
+        verify_token_store(tmp_path / "s")
+
+
+def test_truncated_or_missing_file_fails_open(tmp_path):
+    write_store(tmp_path / "s", num_train=600)
+    chunk = tmp_path / "s" / "train" / "tokens" / "c" / "2" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    with pytest.raises(KdpipeError, match=r"file train/tokens/c/2/0 holds [\d,]+ bytes, the manifest records [\d,]+ \(truncated"):
+        TokenStore.open(tmp_path / "s")
+    chunk.unlink()
+    with pytest.raises(KdpipeError, match=r"file train/tokens/c/2/0 is missing"):
+        TokenStore.open(tmp_path / "s")
+
+
+def test_store_without_checksums_opens_and_says_so(tmp_path):
+    train, _ = write_store(tmp_path / "s", num_train=300)
+    manifest_path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["files"]
+    manifest_path.write_text(json.dumps(manifest))
+    store = TokenStore.open(tmp_path / "s")
+    assert store.checksum_note is not None and "records no checksums" in store.checksum_note and "\n" not in store.checksum_note
+    np.testing.assert_array_equal(store.split("train").tokens(0, 300), train)
+    assert verify_token_store(tmp_path / "s").summary() == store.checksum_note

@@ -79,7 +79,7 @@ def layouts(d: dict) -> dict[str, tuple[list[bytes], Callable[[], object]]]:
         return [np.ascontiguousarray(rows[:, b]) for b in range(bpe)]
 
     absolute = pack_entries(ids, values, layout)
-    gaps = pack_entries(delta_code_ids(ids, ne), values, layout)
+    gaps = pack_entries(delta_code_ids(ids, ne, layout.id_bits), values, layout)
     out: dict[str, tuple[list[bytes], Callable[[], object]]] = {}
 
     def add(name: str, streams: list[np.ndarray], level: int, joint: bool, delta: bool) -> None:
@@ -94,7 +94,7 @@ def layouts(d: dict) -> dict[str, tuple[list[bytes], Callable[[], object]]]:
                 else:
                     raw = [np.stack(raw[i : i + bpe], axis=1).reshape(-1) for i in range(0, len(raw), bpe)]
             got_ids, got_values = unpack_entries(np.concatenate(raw), layout)
-            return (delta_decode_ids(got_ids, ne) if delta else got_ids), got_values
+            return (delta_decode_ids(got_ids, ne, layout.id_bits) if delta else got_ids), got_values
 
         out[name] = (frames, decode)
 

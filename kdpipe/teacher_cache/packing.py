@@ -2,9 +2,9 @@
 
 An entry is one little-endian record of `bytes_per_entry` bytes holding
 `id_field | value << id_bits`, where `id_field` is the token id (cache schema 1) or, from
-schema 2 on, its difference from the previous id of the same position (ids are ascending
-within a position, so the first id is stored as is and the rest as small gaps:
-`delta_code_ids`), and `value` is
+schema 2 on, its difference from the previous id of the same position modulo 2^id_bits
+(the samplers emit ids ascending within a position, so the first id is stored as is and
+the rest as small gaps: `delta_code_ids`), and `value` is
 
 - rs-kd: `count - 1` in ceil(log2(num_draws)) bits (counts run 1..N), so Qwen's vocab
   (17-18 id bits) with N=50 fits 3 bytes, the budget of Anshumann et al. 2025;
@@ -113,20 +113,26 @@ def _unpack_kernel(buf: np.ndarray, id_bits: int, value_bits: int, bytes_per_ent
 
 
 @numba.njit(cache=True, nogil=True)
-def _delta_kernel(ids: np.ndarray, num_entries: np.ndarray, inverse: bool) -> np.ndarray:
+def _delta_kernel(ids: np.ndarray, num_entries: np.ndarray, id_bits: int, inverse: bool) -> np.ndarray:
     out = np.empty(ids.shape[0], dtype=np.int64)
+    mask = (np.int64(1) << id_bits) - 1
     e = 0
     for p in range(num_entries.shape[0]):
         previous = np.int64(0)
         for _ in range(num_entries[p]):
             if inverse:
-                previous += ids[e]
+                previous = (previous + ids[e]) & mask
                 out[e] = previous
             else:
-                out[e] = ids[e] - previous
+                out[e] = (ids[e] - previous) & mask
                 previous = ids[e]
             e += 1
     return out
+
+
+def _check_id_range(ids: np.ndarray, id_bits: int) -> None:
+    if ids.size and (ids.min() < 0 or ids.max() >= 1 << id_bits):
+        raise ValueError(f"token ids must lie in [0, 2^{id_bits}), got [{ids.min()}, {ids.max()}]")
 
 
 def _check_num_entries(ids: np.ndarray, num_entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,23 +143,22 @@ def _check_num_entries(ids: np.ndarray, num_entries: np.ndarray) -> tuple[np.nda
     return ids, num_entries
 
 
-def delta_code_ids(ids: np.ndarray, num_entries: np.ndarray) -> np.ndarray:
-    """(E,) ids ascending within each position, (P,) entries per position → (E,) gaps >= 0.
+def delta_code_ids(ids: np.ndarray, num_entries: np.ndarray, id_bits: int) -> np.ndarray:
+    """(E,) ids, (P,) entries per position → (E,) gaps in [0, 2^id_bits).
 
-    The first id of a position is kept; each other becomes its distance to the previous one.
-    Ids not ascending within a position mean a sampler bug: ValueError.
+    The first id of a position is kept; each other becomes its distance to the previous one
+    modulo 2^id_bits. The samplers store ids ascending within a position, so gaps are small;
+    the modulus keeps any order lossless. Out-of-range ids mean a sampler bug: ValueError.
     """
     ids, num_entries = _check_num_entries(ids, num_entries)
-    gaps = _delta_kernel(ids, num_entries, False)
-    if gaps.size and gaps.min() < 0:
-        raise ValueError("token ids must be ascending within each position")
-    return gaps
+    _check_id_range(ids, id_bits)
+    return _delta_kernel(ids, num_entries, id_bits, False)
 
 
-def delta_decode_ids(gaps: np.ndarray, num_entries: np.ndarray) -> np.ndarray:
+def delta_decode_ids(gaps: np.ndarray, num_entries: np.ndarray, id_bits: int) -> np.ndarray:
     """Inverse of `delta_code_ids`: (E,) gaps, (P,) entries per position → (E,) int64 ids."""
     gaps, num_entries = _check_num_entries(gaps, num_entries)
-    return _delta_kernel(gaps, num_entries, True)
+    return _delta_kernel(gaps, num_entries, id_bits, True)
 
 
 def pack_entries(ids: np.ndarray, values: np.ndarray, layout: EntryLayout) -> np.ndarray:
@@ -164,8 +169,7 @@ def pack_entries(ids: np.ndarray, values: np.ndarray, layout: EntryLayout) -> np
     if ids.shape != values.shape or ids.ndim != 1:
         raise ValueError(f"ids {ids.shape} and values {values.shape} must be equal-length 1-D arrays")
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 1 << layout.id_bits):
-        raise ValueError(f"token ids must lie in [0, 2^{layout.id_bits}), got [{ids.min()}, {ids.max()}]")
+    _check_id_range(ids, layout.id_bits)
     if layout.value_kind == "count":
         max_count = 1 << layout.value_bits
         if values.size and (values.min() < 1 or values.max() > max_count):

@@ -243,7 +243,7 @@ class CacheShard:
             return unpack_entries(np.asarray(entries[first * bpe : last * bpe]), self._layout)
         records = np.asarray(entries[first:last])  # (E, bytes_per_entry)
         gaps, values = unpack_entries(records.reshape(-1), self._layout)
-        return delta_decode_ids(gaps, counts), values
+        return delta_decode_ids(gaps, counts, self._layout.id_bits), values
 
     def _decode(self, arrays: dict[str, Any], layer: int, term: str, start: int, stop: int) -> np.ndarray:
         # Imported here: the codecs' module pulls in torch and transformers (snapshot capture),

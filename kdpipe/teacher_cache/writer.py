@@ -194,7 +194,7 @@ class ShardWriter:
         assert self._rows_received + b <= self.num_sequences, f"shard {self.split}/{self.index} overfilled"
         per_seq = batch.num_entries.reshape(b, -1).sum(axis=1, dtype=np.int64)  # (b,)
         assert int(per_seq.sum()) == batch.entry_ids.shape[0], "num_entries does not match the entries"
-        gaps = delta_code_ids(batch.entry_ids, batch.num_entries)  # (E,)
+        gaps = delta_code_ids(batch.entry_ids, batch.num_entries, self._layout.id_bits)  # (E,)
         packed = pack_entries(gaps, batch.entry_values, self._layout).reshape(-1, self._layout.bytes_per_entry)  # (E, bpe)
         rows: dict[str, np.ndarray] = {cf.TOKENS: batch.tokens, cf.NUM_ENTRIES: batch.num_entries}
         if cf.GHOST in self._rows:

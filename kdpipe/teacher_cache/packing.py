@@ -14,7 +14,8 @@ the rest as small gaps: `delta_code_ids`), and `value` is
 Per-position entry counts are stored separately in `count_dtype(max_entries)`.
 Schema 2 also stores the records byte-plane-major per chunk (see the writer), so that the
 compressor sees each byte of a record (gap low byte, gap high byte, count) as its own
-regular stream: on a real teacher's rs-kd targets this is ~15% fewer bytes than schema 1.
+regular stream: rs-kd logits of SmolLM2-135M on Python code at N=50 take 24.0 bytes/token
+instead of 27.5 (bench/entry_layouts.py compares layouts on one cache).
 The kernels are numba `nogil` loops so a writer thread can pack one batch while the main
 thread runs the teacher on the next.
 """

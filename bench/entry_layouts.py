@@ -8,6 +8,14 @@ way the writer does (1 MiB of entries per zstd frame, frame checksum on), and re
 logits bytes per token (entries + per-position counts) and the decode throughput of each
 layout (decompress + rebuild ids and values), so that layouts are judged on the same
 content. Use a cache of a real teacher: random teachers have no structure to exploit.
+
+Measured (SmolLM2-135M-Instruct, 10 stdlib modules, 27,648 tokens, seq-len 512, 2 shared
+cores), logits bytes/token with the per-position counts: rs-kd N=50 (13.2 ids/position):
+schema-1 records 27.5; byte planes 26.4; delta ids 26.3; delta ids + byte planes 24.6 at
+zstd 3, 23.9 at zstd 12 (schema 2), 23.0 at zstd 17-19. top-k k=50: 182.0; byte planes
+146.0; delta ids + byte planes 140.9 at zstd 3, 138.9 at zstd 12. All decode at > 15 M
+entries/s. zstd 17 and up compress at ~40K tokens/s on one core, too close to a GPU
+teacher's rate for the writer thread; zstd 12 runs at ~200K tokens/s.
 """
 
 from __future__ import annotations

@@ -114,7 +114,8 @@ class SnapshotInfo:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class EntryFormat:
-    """Bit layout of one packed (id, value) record of the `entries` array."""
+    """Bit layout of one packed (id, value) record of the `entries` array (schema 2: the id field
+    holds the gap to the previous id of the position; see kdpipe.teacher_cache.packing)."""
 
     id_bits: int
     value_bits: int

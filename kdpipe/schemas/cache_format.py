@@ -23,7 +23,12 @@ from kdpipe.schemas.config import from_dict, to_dict
 from kdpipe.schemas.errors import KdpipeError
 
 FORMAT_NAME = "kdpipe.teacher_cache"
-SCHEMA_VERSION = 1
+# Schema 2 (this writer): `entries` is (E, bytes_per_entry) uint8, stored byte-plane-major per
+# chunk, with ids delta-coded within each position (see kdpipe.teacher_cache.packing).
+# Schema 1: `entries` is a flat (E * bytes_per_entry,) uint8 array of records holding the ids
+# themselves; still read.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.yaml"
@@ -46,7 +51,7 @@ SCALE_SUFFIX = "_scale"
 # Zarr has no bf16/fp8 dtype: raw-bit arrays carry their logical dtype in this attribute.
 LOGICAL_DTYPE_ATTR = "logical_dtype"
 LOGICAL_DTYPES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
-# The flat `entries` byte array is chunked at about 1 MiB: large enough for zstd to work
+# The `entries` array is chunked at about 1 MiB: large enough for zstd to work
 # well, small enough that a (shard, chunk of sequences) read touches only a few chunks.
 ENTRY_CHUNK_BYTES = 1 << 20
 
@@ -109,7 +114,8 @@ class SnapshotInfo:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class EntryFormat:
-    """Bit layout of one packed (id, value) record of the `entries` array."""
+    """Bit layout of one packed (id, value) record of the `entries` array (schema 2: the id field
+    holds the gap to the previous id of the position; see kdpipe.teacher_cache.packing)."""
 
     id_bits: int
     value_bits: int
@@ -176,9 +182,10 @@ class CacheManifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise KdpipeError(f"{where} is not a kdpipe teacher-cache manifest; point to a directory written by `kdpipe cache-teacher`")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
+            readable = ", ".join(map(str, READABLE_SCHEMA_VERSIONS))
             raise KdpipeError(
-                f"cache schema version {version}, this kdpipe reads {SCHEMA_VERSION}; "
+                f"cache schema version {version}, this kdpipe reads {readable}; "
                 "rebuild the cache with this kdpipe or read it with the kdpipe version that wrote it"
             )
         stored = data.pop("fingerprint", None)
@@ -259,6 +266,11 @@ def tmp_shard_index(name: str) -> int | None:
 def is_shard_name(name: str) -> bool:
     """Whether `name` is a final shard directory name (`{index:05d}`)."""
     return _SHARD_NAME.match(name) is not None
+
+
+def entries_per_chunk(bytes_per_entry: int) -> int:
+    """Records per chunk of a schema-2 `entries` array (about `ENTRY_CHUNK_BYTES` of records)."""
+    return ENTRY_CHUNK_BYTES // bytes_per_entry
 
 
 def snapshot_array(layer: int, term: str) -> str:

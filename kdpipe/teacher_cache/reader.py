@@ -20,7 +20,7 @@ import zarr
 from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.cache_format import CacheManifest, ShardRecord
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.teacher_cache.packing import unpack_entries
+from kdpipe.teacher_cache.packing import delta_decode_ids, unpack_entries
 from kdpipe.teacher_cache.writer import entry_layout_of
 
 
@@ -181,7 +181,7 @@ class CacheShard:
             cf.TOKENS: ((n, T), "int32"),
             cf.NUM_ENTRIES: ((n, T), m.layout.count_dtype),
             cf.SEQ_ENTRY_OFFSETS: ((n + 1,), "int64"),
-            cf.ENTRIES: ((record.num_entries * self._layout.bytes_per_entry,), "uint8"),
+            cf.ENTRIES: (self._entries_shape(record.num_entries), "uint8"),
         }
         if m.sampler.ghost and m.sampler.mode != "rs-kd":
             expected[cf.GHOST] = ((n, T), "float16")
@@ -213,9 +213,7 @@ class CacheShard:
         first, last = int(opened.seq_entry_offsets[start]), int(opened.seq_entry_offsets[stop])
         if int(counts.sum(dtype=np.int64)) != last - first:
             raise self._damaged(f"{cf.NUM_ENTRIES} of rows [{start}, {stop}) disagrees with {cf.SEQ_ENTRY_OFFSETS}")
-        bpe = self._layout.bytes_per_entry
-        packed = np.asarray(arrays[cf.ENTRIES][first * bpe : last * bpe])  # (E * bytes_per_entry,)
-        ids, values = unpack_entries(packed, self._layout)  # (E,), (E,)
+        ids, values = self._entries(arrays[cf.ENTRIES], first, last, counts)  # (E,), (E,)
         if ids.size and int(ids.max()) >= self.manifest.teacher.vocab_size:
             raise self._damaged(f"token id {int(ids.max())} is outside the teacher vocabulary")
         if m.sampler.mode == "rs-kd":
@@ -232,6 +230,20 @@ class CacheShard:
             for layer in m.snapshot.layers:
                 snapshots[layer] = {term: self._decode(arrays, layer, term, start, stop) for term in m.snapshot.terms}
         return CachedBatch(tokens, ids, weights, offsets, ghost, snap_positions, snapshots)
+
+    def _entries_shape(self, num_entries: int) -> tuple[int, ...]:
+        if self.manifest.schema_version == 1:
+            return (num_entries * self._layout.bytes_per_entry,)
+        return (num_entries, self._layout.bytes_per_entry)
+
+    def _entries(self, entries: Any, first: int, last: int, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Records [first, last) → ((E,) int64 ids, (E,) values); `counts`: (P,) entries per position."""
+        if self.manifest.schema_version == 1:  # flat records holding the ids themselves
+            bpe = self._layout.bytes_per_entry
+            return unpack_entries(np.asarray(entries[first * bpe : last * bpe]), self._layout)
+        records = np.asarray(entries[first:last])  # (E, bytes_per_entry)
+        gaps, values = unpack_entries(records.reshape(-1), self._layout)
+        return delta_decode_ids(gaps, counts, self._layout.id_bits), values
 
     def _decode(self, arrays: dict[str, Any], layer: int, term: str, start: int, stop: int) -> np.ndarray:
         # Imported here: the codecs' module pulls in torch and transformers (snapshot capture),

@@ -8,12 +8,18 @@ discards its copy; nothing is ever written into a directory another writer uses.
 
 Shard arrays (n sequences of length T, K snapshot positions of width d; see cache_format):
   tokens (n, T) int32 | num_entries (n, T) uint8/uint16 | seq_entry_offsets (n+1,) int64
-  entries (E * bytes_per_entry,) uint8 | ghost (n, T) float16 | snap_positions (n, K) int32
+  entries (E, bytes_per_entry) uint8 (ids delta-coded per position) | ghost (n, T) float16 | snap_positions (n, K) int32
   snap/{layer}/{term} (n, K, d) uint16 bf16 bits or uint8 fp8 codes | {term}_scale (n, K) float32
 
 Bytes depend only on content, never on batch size: rows are buffered and each chunk of
-`sequences_per_chunk` rows (and each `ENTRY_CHUNK_BYTES` slice of entries) is encoded exactly
+`sequences_per_chunk` rows (and each `entries_per_chunk` slice of entries) is encoded exactly
 once, when it is full or at finalize.
+
+`entries` chunks are stored transposed (a zarr TransposeCodec): byte b of every record of a
+chunk, then byte b+1, ... With ids delta-coded within each position, each such plane is a
+regular stream (small gaps, their high bytes mostly zero, counts) that zstd compresses well;
+a higher zstd level pays off there (measured on a real teacher: bench/entry_layouts.py) and
+still compresses far faster than a teacher produces entries.
 """
 
 from __future__ import annotations
@@ -32,15 +38,16 @@ from typing import NamedTuple
 import crc32c
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import TransposeCodec, ZstdCodec
 
 from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.cache_format import CacheManifest, ShardRecord
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.teacher_cache.packing import EntryLayout, pack_entries
+from kdpipe.teacher_cache.packing import EntryLayout, delta_code_ids, pack_entries
 
 # zstd's frame checksum makes a flipped bit in a chunk fail loudly on read, not decode to noise.
 _COMPRESSOR = ZstdCodec(level=3, checksum=True)
+_ENTRY_COMPRESSOR = ZstdCodec(level=12, checksum=True)
 # Covered mass is summed in fixed point so that the shard total is exact and therefore the
 # same whichever batches the positions arrived in (float sums depend on grouping).
 _MASS_SCALE = 1 << 24
@@ -127,25 +134,31 @@ class ShardWriter:
         self._seq_entry_offsets = [0]
         self._mass_fixed = 0
         self._entry_pending: list[np.ndarray] = []
-        self._entry_pending_bytes = 0
+        self._entry_pending_rows = 0
+        self._entry_chunk_rows = cf.entries_per_chunk(self._layout.bytes_per_entry)
         self._closed = False
         self.tmp_dir = cf.new_tmp_shard_dir(self.cache_dir, split, index)
         self.tmp_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._group = zarr.open_group(self.tmp_dir, mode="w-")
             self._rows = self._create_row_arrays()
+            bpe = self._layout.bytes_per_entry
             self._entries = self._create(
-                cf.ENTRIES, (0,), np.uint8, (cf.ENTRY_CHUNK_BYTES,), {"entry": dataclasses.asdict(self._layout)}
+                cf.ENTRIES, (0, bpe), np.uint8, (self._entry_chunk_rows, bpe), {"entry": dataclasses.asdict(self._layout)},
+                filters=(TransposeCodec(order=(1, 0)),), compressor=_ENTRY_COMPRESSOR,
             )
         except BaseException:  # e.g. a full disk while writing the arrays' metadata: no writer exists to abort
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             raise
 
-    def _create(self, name: str, shape: tuple[int, ...], dtype: object, chunks: tuple[int, ...], attrs: dict) -> zarr.Array:
+    def _create(
+        self, name: str, shape: tuple[int, ...], dtype: object, chunks: tuple[int, ...], attrs: dict,
+        filters: tuple[TransposeCodec, ...] = (), compressor: ZstdCodec = _COMPRESSOR,
+    ) -> zarr.Array:  # fmt: skip
         # Every chunk is stored, even all-zero ones, so a missing chunk file always means damage.
         chunks = tuple(max(1, c) for c in chunks)  # zarr needs positive chunk sides, even for empty axes
         return self._group.create_array(
-            name, shape=shape, dtype=dtype, chunks=chunks, compressors=_COMPRESSOR,
+            name, shape=shape, dtype=dtype, chunks=chunks, filters=filters, compressors=compressor,
             fill_value=0, attributes=attrs, config={"write_empty_chunks": True},
         )  # fmt: skip
 
@@ -181,7 +194,8 @@ class ShardWriter:
         assert self._rows_received + b <= self.num_sequences, f"shard {self.split}/{self.index} overfilled"
         per_seq = batch.num_entries.reshape(b, -1).sum(axis=1, dtype=np.int64)  # (b,)
         assert int(per_seq.sum()) == batch.entry_ids.shape[0], "num_entries does not match the entries"
-        packed = pack_entries(batch.entry_ids, batch.entry_values, self._layout)  # (E * bytes_per_entry,)
+        gaps = delta_code_ids(batch.entry_ids, batch.num_entries, self._layout.id_bits)  # (E,)
+        packed = pack_entries(gaps, batch.entry_values, self._layout).reshape(-1, self._layout.bytes_per_entry)  # (E, bpe)
         rows: dict[str, np.ndarray] = {cf.TOKENS: batch.tokens, cf.NUM_ENTRIES: batch.num_entries}
         if cf.GHOST in self._rows:
             assert batch.ghost is not None, "this cache stores ghost mass"
@@ -207,16 +221,16 @@ class ShardWriter:
 
     def _push_entries(self, packed: np.ndarray) -> None:
         self._entry_pending.append(packed)
-        self._entry_pending_bytes += packed.size
-        if self._entry_pending_bytes >= cf.ENTRY_CHUNK_BYTES:
-            self._flush_entries(self._entry_pending_bytes - self._entry_pending_bytes % cf.ENTRY_CHUNK_BYTES)
+        self._entry_pending_rows += packed.shape[0]
+        if self._entry_pending_rows >= self._entry_chunk_rows:
+            self._flush_entries(self._entry_pending_rows - self._entry_pending_rows % self._entry_chunk_rows)
 
-    def _flush_entries(self, num_bytes: int) -> None:
-        buffered = np.concatenate(self._entry_pending)
-        self._entries.append(buffered[:num_bytes])
-        rest = buffered[num_bytes:]
-        self._entry_pending = [rest] if rest.size else []
-        self._entry_pending_bytes = rest.size
+    def _flush_entries(self, num_rows: int) -> None:
+        buffered = np.concatenate(self._entry_pending)  # (rows, bpe)
+        self._entries.append(buffered[:num_rows])
+        rest = buffered[num_rows:]
+        self._entry_pending = [rest] if rest.shape[0] else []
+        self._entry_pending_rows = rest.shape[0]
 
     def finalize(self) -> bool:
         """Write the last chunks and complete.json, then rename into place.
@@ -229,8 +243,8 @@ class ShardWriter:
         )
         for rows in self._rows.values():
             rows.flush()
-        if self._entry_pending_bytes:
-            self._flush_entries(self._entry_pending_bytes)
+        if self._entry_pending_rows:
+            self._flush_entries(self._entry_pending_rows)
         offsets = np.asarray(self._seq_entry_offsets, dtype=np.int64)  # (n+1,)
         self._create(cf.SEQ_ENTRY_OFFSETS, offsets.shape, np.int64, offsets.shape, {})[:] = offsets
         record = ShardRecord(

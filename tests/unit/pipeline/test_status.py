@@ -37,7 +37,7 @@ def damage(cache: Path) -> None:
     """train/00001 never written, val/00000 interrupted (only its tmp dir), one chunk of train/00002 flipped."""
     shutil.rmtree(cf.shard_dir(cache, "train", 1))
     cf.shard_dir(cache, "val", 0).rename(cf.new_tmp_shard_dir(cache, "val", 0))
-    chunk = cf.shard_dir(cache, "train", 2) / cf.ENTRIES / "c" / "0"
+    chunk = cf.shard_dir(cache, "train", 2) / cf.ENTRIES / "c" / "0" / "0"
     flipped = bytearray(chunk.read_bytes())
     flipped[len(flipped) // 2] ^= 0x10
     chunk.write_bytes(bytes(flipped))
@@ -76,11 +76,11 @@ def test_verify_finds_the_bad_shard(cache):
     result = cache_status(cache, verify=True)
     assert result.complete == ["train/00000"]
     assert result.missing == ["train/00001", "val/00000"]  # the interrupted one counts as missing
-    assert result.bad == ["train/00002 (file entries/c/0 fails its checksum)"]
+    assert result.bad == ["train/00002 (file entries/c/0/0 fails its checksum)"]
     problem = result.problem()
     assert problem is not None and "2 missing (train/00001, val/00000) and 1 bad (train/00002 (file entries/c/0" in problem
     assert result.text().splitlines()[0] == f"cache {cache}: 4 shards: 1 complete, 2 missing, bad: 1"
-    assert result.text().splitlines()[2] == "  bad: train/00002 (file entries/c/0 fails its checksum)"
+    assert result.text().splitlines()[2] == "  bad: train/00002 (file entries/c/0/0 fails its checksum)"
 
 
 def test_many_missing_shards_are_listed_up_to_a_limit(tmp_path):

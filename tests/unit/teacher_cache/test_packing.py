@@ -8,6 +8,8 @@ from kdpipe.schemas.errors import KdpipeError
 from kdpipe.teacher_cache.packing import (
     EntryLayout,
     count_dtype,
+    delta_code_ids,
+    delta_decode_ids,
     entry_layout,
     pack_entries,
     unpack_entries,
@@ -150,3 +152,22 @@ def test_rs_kd_byte_budget_on_a_long_tailed_teacher():
     mean_bytes = (total_entries * layout.bytes_per_entry + total_count_bytes) / num_positions
     assert 10.0 <= mean_unique <= 14.0, mean_unique
     assert mean_bytes <= 40.0, mean_bytes
+
+
+def test_delta_coded_ids_round_trip_and_stay_small():
+    rng = np.random.default_rng(3)
+    num_entries = rng.integers(0, 20, 500)  # positions with 0..19 unique ids
+    ids = np.concatenate([np.sort(rng.choice(QWEN_VOCAB, n, replace=False)) for n in num_entries])
+    id_bits = entry_layout("rs-kd", QWEN_VOCAB, 50).id_bits
+    gaps = delta_code_ids(ids, num_entries, id_bits)
+    starts = np.concatenate([[0], np.cumsum(num_entries)[:-1]])[num_entries > 0]
+    np.testing.assert_array_equal(gaps[starts], ids[starts])  # a position's first id is kept
+    rest = np.setdiff1d(np.arange(ids.size), starts)
+    np.testing.assert_array_equal(gaps[rest], np.diff(ids)[rest - 1])  # the others: gaps to the previous id
+    np.testing.assert_array_equal(delta_decode_ids(gaps, num_entries, id_bits), ids)
+    unsorted = np.array([5, 3, 151935, 0, 7])  # any order stays lossless (gaps wrap modulo 2^id_bits)
+    wrapped = delta_code_ids(unsorted, np.array([3, 2]), id_bits)
+    assert wrapped.min() >= 0 and wrapped.max() < 1 << id_bits
+    np.testing.assert_array_equal(delta_decode_ids(wrapped, np.array([3, 2]), id_bits), unsorted)
+    with pytest.raises(ValueError, match="do not match"):
+        delta_code_ids(np.array([5, 3]), np.array([1]), id_bits)

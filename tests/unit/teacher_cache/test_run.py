@@ -263,7 +263,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path, llama, llama_store, refe
 def test_repair_redoes_a_corrupt_shard(tmp_path, llama, llama_store, reference_cache):
     out = tmp_path / "cache"
     shutil.copytree(reference_cache, out)
-    damaged = next((cf.shard_dir(out, "train", 1) / cf.ENTRIES).rglob("c/*"))
+    damaged = next((cf.shard_dir(out, "train", 1) / cf.ENTRIES).rglob("c/*/*"))
     damaged.write_bytes(damaged.read_bytes()[:-3] + b"xyz")
     assert [v.name for v in verify_cache(out).bad] == ["train/00001"]
     skipped = run_cache(llama.path, llama_store, out, snapshot_layers="all", snapshot_fraction=0.25)

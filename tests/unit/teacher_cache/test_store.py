@@ -292,7 +292,7 @@ def test_damaged_shards_are_named_by_the_reader(tmp_path):
             cache.open_shard("train", 1).read(0, 8)
         assert name in str(info.value) and "kdpipe verify" in str(info.value)
 
-    chunk = directory / "entries" / "c" / "0"
+    chunk = directory / "entries" / "c" / "0" / "0"
     original = chunk.read_bytes()
     flipped = bytearray(original)
     flipped[len(flipped) // 2] ^= 0x04
@@ -301,14 +301,14 @@ def test_damaged_shards_are_named_by_the_reader(tmp_path):
     chunk.write_bytes(original[: len(original) // 2])
     read_fails("Zstd decompression error")
     chunk.unlink()
-    read_fails("file entries/c/0 is missing")
+    read_fails("file entries/c/0/0 is missing")
     chunk.write_bytes(original)
     cache.open_shard("train", 1).read(0, 8)  # repaired by hand: readable again
 
     record_path = directory / cf.COMPLETE_FILE
     record = json.loads(record_path.read_text())
     record_path.write_text(json.dumps({**record, "num_entries": record["num_entries"] + 1}))
-    read_fails(r"array entries is uint8\(\d+,\), complete.json implies")
+    read_fails(r"array entries is uint8\(\d+, \d+\), complete.json implies")
     record_path.unlink()
     assert open_cache(tmp_path).missing_shards() == [("train", 1)]
     assert open_cache(tmp_path).shards("train")[1].complete is False
@@ -361,8 +361,8 @@ def test_reader_refuses_bad_manifests(tmp_path):
     write_manifest(tmp_path, make_manifest())
     path = tmp_path / cf.MANIFEST_FILE
     data = json.loads(path.read_text())
-    path.write_text(json.dumps({**data, "schema_version": 2}))
-    with pytest.raises(KdpipeError, match="cache schema version 2, this kdpipe reads 1"):
+    path.write_text(json.dumps({**data, "schema_version": 3}))
+    with pytest.raises(KdpipeError, match="cache schema version 3, this kdpipe reads 1, 2"):
         open_cache(tmp_path)
     path.write_text(json.dumps({**data, "sampler": {**data["sampler"], "seed": 7}}))
     with pytest.raises(KdpipeError, match="modified after it was written"):

@@ -26,10 +26,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from kdpipe.cli import main
 from kdpipe.pipeline.gguf_teacher import SOURCE_FILE
 from kdpipe.schemas.token_store import TokenStore
 from kdpipe.teacher_cache import open_cache
+from tests.integration.test_train_cli import in_process  # the CLI's main() in this process: saves an interpreter start
 
 pytestmark = pytest.mark.real_teacher
 
@@ -47,18 +47,6 @@ def kdpipe(*args: object) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "kdpipe", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def in_process(*args: object) -> int:
-    """The real CLI entry point in this process (saves an interpreter start); its exit status."""
-    argv = sys.argv
-    sys.argv = ["kdpipe", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = argv
-    return exit_info.value.code
 
 
 @pytest.fixture(scope="module")

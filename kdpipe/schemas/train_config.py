@@ -39,7 +39,11 @@ class TrainStudentConfig:
     student: StudentKind = option(
         "lrc", "Student type: lrc (Low-Rank Clone of the cache's teacher) or plain (any causal-LM config, random init)."
     )
-    hidden_size: int | None = option(None, "lrc: the student's residual width d_S (smaller than the teacher's).")
+    hidden_size: int | None = option(
+        None,
+        "lrc: the student's residual width d_S, below the teacher's; some families also need a multiple of the "
+        "teacher's attention heads (Llama does), and a refused width is answered with the nearest valid ones.",
+    )
     lrc_init: Literal["random", "svd"] = option(
         "random", "lrc: projection init, random normal (as in the LRC paper) or the top singular vectors of each teacher matrix."
     )

@@ -14,19 +14,17 @@ below gives the head's bias where a plain architecture has one.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from kdpipe.schemas.cache_format import CacheManifest
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.lrc import LRCOutput, LRCSpec, LRCStudent
+from kdpipe.student_train.validate import check_plain_config, read_student_config, teacher_dir
 
 # The teacher fingerprint must be computed exactly as `cache-teacher` computed it, so the
 # loader that produced the manifest's hashes is used (it is not part of the reader API).
@@ -93,12 +91,7 @@ def build_student(config: TrainStudentConfig, manifest: CacheManifest, *, device
 
 def load_teacher(manifest: CacheManifest, *, device: torch.device) -> PreTrainedModel:
     """The cache's teacher, frozen, refused if it is not the teacher the cache was made from."""
-    path = Path(manifest.teacher.path)
-    if not path.is_dir():
-        raise KdpipeError(
-            f"teacher directory {path} named in the cache manifest does not exist; put the teacher back there "
-            "(or train a plain student)"
-        )
+    path = teacher_dir(manifest)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     # Without transformers' "Loading weights" bar: a stray tqdm line on stderr would break
     # the one-line error of the hash check below.
@@ -122,49 +115,7 @@ def load_teacher(manifest: CacheManifest, *, device: torch.device) -> PreTrained
     return teacher.model
 
 
-def read_student_config(path: Path) -> PretrainedConfig:
-    """A Hugging Face causal-LM config from a config.json file (or a directory holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise KdpipeError(f"student config {path} does not exist; pass a Hugging Face config.json")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise KdpipeError(f"student config {path} is not valid JSON ({err.msg}); fix the file") from None
-    if not isinstance(data, dict) or "model_type" not in data:
-        raise KdpipeError(f"student config {path} has no model_type; write a Hugging Face config.json such as a model's own")
-    model_type = data.pop("model_type")
-    try:
-        config = AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise KdpipeError(f"student config {path}: transformers cannot build a {model_type!r} config ({first})") from None
-    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        raise KdpipeError(f"student config {path}: {model_type!r} is not a causal language model; use a decoder-only architecture")
-    return config
-
-
 def build_plain(config: PretrainedConfig, manifest: CacheManifest) -> PlainStudent:
     """A randomly initialised plain student (fp32 master weights), checked against the cache."""
-    text_config = config.get_text_config()
-    if getattr(text_config, "final_logit_softcapping", None):
-        raise KdpipeError(
-            f"plain student {config.model_type} caps its logits (final_logit_softcapping), which the chunked KD/LM loss "
-            "does not apply; set final_logit_softcapping to null in the student config"
-        )
-    seq_len = manifest.token_store.seq_len
-    max_positions = getattr(text_config, "max_position_embeddings", None)
-    if max_positions is not None and max_positions < seq_len:
-        raise KdpipeError(
-            f"plain student max_position_embeddings {max_positions} is below the cache's sequence length {seq_len}; raise it"
-        )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if vocab < manifest.teacher.vocab_size:
-        raise KdpipeError(
-            f"plain student vocabulary has {vocab} ids but the cache's teacher has {manifest.teacher.vocab_size} "
-            "(cached targets use them all); set vocab_size >= that in the student config and use the teacher's tokenizer"
-        )
-    return PlainStudent(model)
+    check_plain_config(config, manifest, where="plain student")
+    return PlainStudent(AutoModelForCausalLM.from_config(config, dtype=torch.float32))

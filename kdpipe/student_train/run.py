@@ -50,6 +50,7 @@ from kdpipe.student_train.trainer import (
     TrainerOptions,
     TrainSummary,
 )
+from kdpipe.student_train.validate import check_student
 from kdpipe.teacher_cache import TeacherCache, open_cache
 
 CONFIG_FILE = "config.yaml"
@@ -74,6 +75,7 @@ def build_trainer(
     """Everything a run needs, built in order; `loader` replaces the cache's train loader if given."""
     cache = open_cache(config.cache)
     cache.require_complete()
+    check_student(config, cache.manifest)  # config files only: before the teacher loads and the run dir is written
     resuming = _check_run_dir(config, cache, ctx)
     ctx.barrier()  # every rank has looked at the run directory before rank 0 writes to it
 

@@ -56,7 +56,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -216,7 +215,7 @@ def forward_and_sample(plan: CachePlan, args: argparse.Namespace) -> float:
     encoder = BatchEncoder(plan)
     split = plan.store.split("train")
     started = time.perf_counter()
-    with encoder.capture or nullcontext():
+    with encoder.capturing():
         for shard in plan.task_shards:
             for start in range(shard.row_start, shard.row_stop, args.batch_size):
                 encoder.encode("train", start, split.tokens(start, min(start + args.batch_size, shard.row_stop)))

@@ -141,6 +141,9 @@ def cache_teacher_command(
     num_shards: Optional[int] = typer.Option(None, "--num-shards", help=field_help(CacheTeacherConfig, "num_shards")),
     device: Optional[str] = typer.Option(None, "--device", help=field_help(CacheTeacherConfig, "device")),
     dtype: Optional[str] = typer.Option(None, "--dtype", help=field_help(CacheTeacherConfig, "dtype")),
+    backend: Optional[str] = typer.Option(None, "--backend", help=field_help(CacheTeacherConfig, "backend") + " [default: transformers]"),
+    tensor_parallel_size: Optional[int] = typer.Option(None, "--tensor-parallel-size", help=field_help(CacheTeacherConfig, "tensor_parallel_size") + " [default: 1]"),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help=field_help(CacheTeacherConfig, "gpu_memory_utilization") + " [default: 0.85]"),
     splits: Optional[list[str]] = typer.Option(None, "--split", help=field_help(CacheTeacherConfig, "splits") + " Repeat for several."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite/--no-overwrite", help=field_help(CacheTeacherConfig, "overwrite")),
     repair: Optional[bool] = typer.Option(None, "--repair/--no-repair", help=field_help(CacheTeacherConfig, "repair")),
@@ -155,7 +158,8 @@ def cache_teacher_command(
         top_p=top_p, ghost=ghost, snapshot_layers=snapshot_layers, snapshot_fraction=snapshot_fraction,
         snapshot_dtype=snapshot_dtype, snapshot_attention=snapshot_attention, seed=seed, batch_size=batch_size,
         position_chunk=position_chunk, sequences_per_shard=sequences_per_shard, sequences_per_chunk=sequences_per_chunk,
-        shard_index=shard_index, num_shards=num_shards, device=device, dtype=dtype, splits=splits or None,
+        shard_index=shard_index, num_shards=num_shards, device=device, dtype=dtype, backend=backend,
+        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization, splits=splits or None,
         overwrite=overwrite, repair=repair, dry_run=dry_run,
     )
     cache_teacher(resolve(CacheTeacherConfig, config_file=config, flags=flags, section="cache-teacher"))

@@ -1,4 +1,4 @@
-# kdpipe: make install | make test | make demo | make bench
+# kdpipe: make install | make test | make demo | make bench  (make install-vllm / test-vllm: the vLLM backend)
 #
 # TORCH_SPEC picks the torch build. The default is the CPU build kdpipe is tested with; on a
 # GPU cluster, install your site's CUDA torch into the venv first (or set TORCH_SPEC) and
@@ -25,14 +25,14 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 
 # The vLLM backend's tests run in their own venv (see install-vllm); the main run skips them.
 test: install install-vllm
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS)
 	$(VLLM_PY) -m pytest -m vllm tests/vllm $(PYTEST_ARGS)
 
 test-vllm: install-vllm
 	$(VLLM_PY) -m pytest -m vllm tests/vllm $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not slurm and not vllm" $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m kdpipe demo $(DEMO_ARGS)

@@ -122,6 +122,9 @@ class VllmBackend:
             # vLLM's CPU build reserves gpu_memory_utilization of ALL host memory unless told the
             # KV cache size; one batch of prompts is all it ever holds here.
             engine["kv_cache_memory_bytes"] = _kv_cache_bytes(text, dtype, config.batch_size, seq_len)
+            if config.tensor_parallel_size > 1:
+                # Its automatic thread binding wants one NUMA node per rank; split the cores instead.
+                os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_binding(config.tensor_parallel_size))
         try:
             llm = vllm.LLM(**engine)
         except torch.OutOfMemoryError:
@@ -243,6 +246,15 @@ def _kv_cache_bytes(text: PreTrainedConfig, dtype: torch.dtype, batch_size: int,
     per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
     tokens_per_sequence = (-(-(seq_len + 1) // _KV_BLOCK_TOKENS) + 1) * _KV_BLOCK_TOKENS
     return max(per_token * batch_size * tokens_per_sequence, _KV_MIN_BYTES)
+
+
+def _cpu_binding(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` ranks: this process's cores in contiguous groups, "0-3|4-7"."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        raise KdpipeError(f"--tensor-parallel-size {ranks} on the CPU needs at least {ranks} cores, this process has {len(cores)}")
+    groups = [cores[i * len(cores) // ranks : (i + 1) * len(cores) // ranks] for i in range(ranks)]
+    return "|".join(",".join(map(str, group)) for group in groups)
 
 
 def _first_line(err: BaseException) -> str:

@@ -11,7 +11,7 @@ must be identical.
 from __future__ import annotations
 
 import io
-import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +157,18 @@ def test_job_array_task_resume_and_repair_with_vllm(tmp_path, both_caches, vllm_
     assert done.returncode == 0, done.stderr
     assert f"wrote {total - total // 2 + 1} shards (1 repaired)" in done.stdout, done.stdout
     assert shard_files(out) == shard_files(by_vllm)
+
+
+def test_tensor_parallel_2_reads_replicated_tensors_from_rank_0(tmp_path, both_caches, vllm_teacher, vllm_store):
+    """vLLM's CPU build with two ranks (one core each): the same cache as the transformers backend, up to float noise."""
+    family, by_transformers, _ = both_caches
+    if family != "llama":
+        pytest.skip("one family is enough for tensor parallelism")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("tensor parallelism on the CPU needs 2 cores")
+    out = tmp_path / "cache"
+    run(vllm_teacher(family)[0], vllm_store(family), out, backend="vllm", tensor_parallel_size=2, mode=MODES[family], top_k=20, **SNAPSHOTS)
+    diff = diff_caches(by_transformers, out)
+    print(f"{family} TP=2: {diff}")
+    assert diff.differing_fraction <= MAX_MOVED_DRAW_FRACTION, diff
+    assert diff.snapshot_max_excess <= MAX_SNAPSHOT_EXCESS, diff

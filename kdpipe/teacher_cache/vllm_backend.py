@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,9 @@ _KV_MIN_BYTES = 64 << 20
 def import_vllm() -> Any:
     """The vllm module, or a one-line KdpipeError saying how to install it.
 
-    vLLM runs in spawned processes of its own: at start-up vLLM 0.32 scans every imported
-    module for Triton kernels to override and fails on llvmlite's library wrapper, which
-    kdpipe's numba sampler has imported in this process. Spawned workers import only vLLM
-    (and the main module, which imports no numba) before that scan.
+    vLLM runs in spawned processes of its own (see `_spawned_without_main`): at start-up
+    vLLM 0.32's CPU workers scan every imported module for Triton kernels to override and
+    fail on llvmlite's library wrapper, which kdpipe's numba sampler imports.
     """
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # kdpipe prints its own plan and progress
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
@@ -126,13 +126,14 @@ class VllmBackend:
                 # Its automatic thread binding wants one NUMA node per rank; split the cores instead.
                 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_binding(config.tensor_parallel_size))
         try:
-            llm = vllm.LLM(**engine)
+            with _spawned_without_main():
+                llm = vllm.LLM(**engine)
         except torch.OutOfMemoryError:
             raise KdpipeError(f"out of memory starting vLLM on teacher {root}; {_MEMORY_HINT}") from None
         except (RuntimeError, ValueError) as err:
             raise KdpipeError(f"vLLM could not start teacher {root} ({_first_line(err)}); {_MEMORY_HINT} if it ran out of memory") from None
         backend = cls(llm, info, (weight.to(device, dtype), None if bias is None else bias.to(device, dtype)), text_softcap(text))
-        backend._install([], attention=False)
+        backend.install_hooks([], attention=False)
         return backend
 
     @property
@@ -153,13 +154,13 @@ class VllmBackend:
 
     @contextlib.contextmanager
     def capturing(self, layers: list[int], attention: bool) -> Iterator[None]:
-        self._install(layers, attention)
+        self.install_hooks(layers, attention)
         self._capturing = True
         try:
             yield
         finally:
             self._capturing = False
-            self._install([], attention=False)
+            self.install_hooks([], attention=False)
 
     def forward(self, input_ids_BT: torch.Tensor, positions_BK: torch.Tensor | None) -> tuple[torch.Tensor, Snapshots]:
         tokens_BT = input_ids_BT.to("cpu", torch.int64)
@@ -192,7 +193,7 @@ class VllmBackend:
         self.llm = None
         gc.collect()
 
-    def _install(self, layers: list[int], attention: bool) -> None:
+    def install_hooks(self, layers: list[int], attention: bool) -> None:
         for error in self.llm.collective_rpc("kdpipe_install_hooks", args=(layers, attention)):
             if error:
                 raise KdpipeError(error)
@@ -246,6 +247,25 @@ def _kv_cache_bytes(text: PreTrainedConfig, dtype: torch.dtype, batch_size: int,
     per_token = 2 * text.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
     tokens_per_sequence = (-(-(seq_len + 1) // _KV_BLOCK_TOKENS) + 1) * _KV_BLOCK_TOKENS
     return max(per_token * batch_size * tokens_per_sequence, _KV_MIN_BYTES)
+
+
+@contextlib.contextmanager
+def _spawned_without_main() -> Iterator[None]:
+    """Hide the main module from multiprocessing while vLLM spawns its engine and workers.
+
+    A spawned child first re-imports its parent's main module. vLLM's children need nothing
+    from it, and a main module that imports kdpipe's sampler (numba, hence llvmlite) would
+    make vLLM 0.32's CPU workers fail their start-up scan of imported modules.
+    """
+    main = sys.modules["__main__"]
+    saved_spec, saved_file = getattr(main, "__spec__", None), main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__spec__ = saved_spec
+        if saved_file is not None:
+            main.__file__ = saved_file
 
 
 def _cpu_binding(ranks: int) -> str:

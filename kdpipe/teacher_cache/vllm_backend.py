@@ -84,6 +84,7 @@ class VllmBackend:
         vllm = import_vllm()
         self._sampling = vllm.SamplingParams(max_tokens=1, detokenize=False)
         self._prompt = vllm.inputs.TokensPrompt
+        self._engine_error = vllm.exceptions.VLLMError  # e.g. its engine died (a worker ran out of memory)
 
     @classmethod
     def load(cls, config: CacheTeacherConfig, *, seq_len: int) -> VllmBackend:
@@ -174,6 +175,11 @@ class VllmBackend:
             self.llm.generate(prompts, self._sampling, use_tqdm=False)
         except torch.OutOfMemoryError:
             raise KdpipeError(f"out of memory running teacher {self.info.model_type} in vLLM; {_MEMORY_HINT}") from None
+        except self._engine_error as err:
+            raise KdpipeError(
+                f"vLLM stopped running teacher {self.info.model_type} ({_first_line(err)}); its log above says why, "
+                f"and if it ran out of memory: {_MEMORY_HINT}"
+            ) from None
         result = self.llm.collective_rpc("kdpipe_take_batch")[0]
         assert isinstance(result, dict), result  # an error line from the worker is a kdpipe bug
         hidden_BTD = unpack_tensor(result.pop("hidden")).to(self.device)

@@ -116,8 +116,6 @@ class VllmBackend:
             max_model_len=max_model_len, max_num_seqs=config.batch_size,
             max_num_batched_tokens=config.batch_size * max_model_len,
             worker_extension_cls=_EXTENSION, disable_log_stats=True,
-            # One GPU: the worker lives in vLLM's engine process (one process start fewer).
-            distributed_executor_backend="uni" if config.tensor_parallel_size == 1 else "mp",
         )  # fmt: skip
         if device.type == "cpu":
             # vLLM's CPU build reserves gpu_memory_utilization of ALL host memory unless told the
@@ -133,7 +131,8 @@ class VllmBackend:
             raise KdpipeError(f"out of memory starting vLLM on teacher {root}; {_MEMORY_HINT}") from None
         except (RuntimeError, ValueError) as err:
             raise KdpipeError(f"vLLM could not start teacher {root} ({_first_line(err)}); {_MEMORY_HINT} if it ran out of memory") from None
-        backend = cls(llm, info, (weight.to(device, dtype), None if bias is None else bias.to(device, dtype)), text_softcap(text))
+        softcap = getattr(text, "final_logit_softcapping", None)
+        backend = cls(llm, info, (weight.to(device, dtype), None if bias is None else bias.to(device, dtype)), softcap)
         backend.install_hooks([], attention=False)
         return backend
 
@@ -203,11 +202,6 @@ class VllmBackend:
         for error in self.llm.collective_rpc("kdpipe_install_hooks", args=(layers, attention)):
             if error:
                 raise KdpipeError(error)
-
-
-def text_softcap(text_config: PreTrainedConfig) -> float | None:
-    """The final-logit softcap of the teacher (Gemma2), or None."""
-    return getattr(text_config, "final_logit_softcapping", None)
 
 
 def _read_head(root: Path, config: PreTrainedConfig, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,6 +14,7 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,10 @@ pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parents[2]
 SNAPSHOTS = dict(snapshot_layers="all", snapshot_fraction=0.25, snapshot_attention=True)
-# Measured on these teachers: 1 of 1664 positions (0.06%) has an rs-kd draw moved by float noise.
+# Measured on these teachers (300-id vocabulary): at most 1 of 1664 positions (0.06%) has an rs-kd
+# draw moved by float noise. The fraction grows with the vocabulary: a draw moves where the two CDFs'
+# accumulated float difference exceeds the local step, i.e. in the long tail of tiny probabilities;
+# on SmolLM2-135M (49,152 ids, 256 positions) one draw moved at 9.8% of positions (0.22% of draws).
 MAX_MOVED_DRAW_FRACTION = 0.01
 # Float32 noise relative to a snapshot vector's largest value, beyond one bf16 rounding step (measured 5e-7).
 MAX_SNAPSHOT_EXCESS = 1e-5
@@ -50,20 +54,27 @@ def run(teacher: Path, store: Path, out: Path, **options) -> CacheSummary:
 MODES = {"llama": "rs-kd", "qwen2": "top-k", "qwen3": "rs-kd", "mistral": "rs-kd"}
 
 
-@pytest.fixture(scope="module", params=VLLM_FAMILIES)
-def both_caches(request, tmp_path_factory, vllm_teacher, vllm_store) -> tuple[str, Path, Path]:
-    """(family, transformers cache, vllm cache) with FFN and attention snapshots of every layer."""
-    family = request.param
-    teacher, _ = vllm_teacher(family)
-    root = tmp_path_factory.mktemp(f"both-{family}")
-    options = dict(mode=MODES[family], top_k=20, **SNAPSHOTS)
-    run(teacher, vllm_store(family), root / "transformers", **options)
-    run(teacher, vllm_store(family), root / "vllm", backend="vllm", **options)
-    return family, root / "transformers", root / "vllm"
+@pytest.fixture(scope="module")
+def both_caches(tmp_path_factory, vllm_teacher, vllm_store) -> Callable[[str], tuple[Path, Path]]:
+    """Factory: family → (transformers cache, vllm cache) with FFN and attention snapshots of every layer, built once."""
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def get(family: str) -> tuple[Path, Path]:
+        if family not in built:
+            teacher, _ = vllm_teacher(family)
+            root = tmp_path_factory.mktemp(f"both-{family}")
+            options = dict(mode=MODES[family], top_k=20, **SNAPSHOTS)
+            run(teacher, vllm_store(family), root / "transformers", **options)
+            run(teacher, vllm_store(family), root / "vllm", backend="vllm", **options)
+            built[family] = root / "transformers", root / "vllm"
+        return built[family]
+
+    return get
 
 
-def test_both_backends_write_the_same_cache_up_to_float_noise(both_caches):
-    family, by_transformers, by_vllm = both_caches
+@pytest.mark.parametrize("family", VLLM_FAMILIES)
+def test_both_backends_write_the_same_cache_up_to_float_noise(both_caches, family):
+    by_transformers, by_vllm = both_caches(family)
     a, b = open_cache(by_transformers).manifest, open_cache(by_vllm).manifest
     assert a.fingerprint == b.fingerprint and a.teacher == b.teacher
     assert (a.producer["backend"], b.producer["backend"]) == ("transformers", "vllm")
@@ -101,11 +112,10 @@ def check_top_k_differences_are_near_ties(by_transformers: Path, by_vllm: Path) 
                     assert weights[token] == pytest.approx(other.min(), rel=4 * FLOAT16_RTOL, abs=1e-7)
 
 
-def test_rs_kd_from_vllm_is_unbiased_against_a_float64_reference(both_caches, vllm_teacher):
+@pytest.mark.parametrize("family", [family for family in VLLM_FAMILIES if MODES[family] == "rs-kd"])
+def test_rs_kd_from_vllm_is_unbiased_against_a_float64_reference(both_caches, vllm_teacher, family):
     """Σ (c_i/N − p_i) over all positions, per probability rank class, is within 4.5 sigma of 0."""
-    family, _, by_vllm = both_caches
-    if MODES[family] != "rs-kd":
-        pytest.skip("a top-k cache")
+    _, by_vllm = both_caches(family)
     model = vllm_teacher(family)[1]
     cache = open_cache(by_vllm)
     num_draws = cache.manifest.sampler.num_draws
@@ -137,9 +147,8 @@ def test_rs_kd_from_vllm_is_unbiased_against_a_float64_reference(both_caches, vl
 def test_job_array_task_resume_and_repair_with_vllm(tmp_path, both_caches, vllm_teacher, vllm_store):
     """Task 1 of 2 writes the odd shards; a single-task CLI run with --repair then resumes the even
     ones and redoes a corrupt odd one: the result is the single-task vLLM cache, byte for byte."""
-    family, _, by_vllm = both_caches
-    if family != "llama":
-        pytest.skip("one family is enough for the run loop")
+    family = "llama"
+    _, by_vllm = both_caches(family)
     teacher, store = vllm_teacher(family)[0], vllm_store(family)
     out = tmp_path / "cache"
     total = len(open_cache(by_vllm).manifest.global_shards())
@@ -161,9 +170,8 @@ def test_job_array_task_resume_and_repair_with_vllm(tmp_path, both_caches, vllm_
 
 def test_tensor_parallel_2_reads_replicated_tensors_from_rank_0(tmp_path, both_caches, vllm_teacher, vllm_store):
     """vLLM's CPU build with two ranks (one core each): the same cache as the transformers backend, up to float noise."""
-    family, by_transformers, _ = both_caches
-    if family != "llama":
-        pytest.skip("one family is enough for tensor parallelism")
+    family = "llama"
+    by_transformers, _ = both_caches(family)
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("tensor parallelism on the CPU needs 2 cores")
     out = tmp_path / "cache"

@@ -3,6 +3,7 @@
     python bench/cache.py --threads 1                 # both CPU shapes below, ~15 min on 2 shared cores
     python bench/cache.py --threads 1 --quick --json out.json   # fewer tokens, 1 repeat, no memory runs (~2 min)
     python bench/cache.py --config bench/configs/qwen2.5-3b.json --device cuda --peak-tflops 989
+    .venv-vllm/bin/python bench/cache.py --backend vllm --shapes small   # vs vLLM: see bench/cache_vllm.py
 
 Measured per teacher shape in one run, alternating, best of `--repeats`:
 
@@ -56,7 +57,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -216,7 +216,7 @@ def forward_and_sample(plan: CachePlan, args: argparse.Namespace) -> float:
     encoder = BatchEncoder(plan)
     split = plan.store.split("train")
     started = time.perf_counter()
-    with encoder.capture or nullcontext():
+    with encoder.capturing():
         for shard in plan.task_shards:
             for start in range(shard.row_start, shard.row_stop, args.batch_size):
                 encoder.encode("train", start, split.tokens(start, min(start + args.batch_size, shard.row_stop)))
@@ -432,11 +432,18 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak dense bf16 TFLOP/s, for model FLOP utilisation")
     parser.add_argument("--workdir", type=Path, help="keep teachers, stores and caches here (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the result rows here for bench/suite.py")
+    parser.add_argument("--backend", choices=["transformers", "vllm"], default="transformers",
+                        help="vllm: cache-teacher on vLLM vs the transformers backend vs vLLM's bare forward (bench/cache_vllm.py)")  # fmt: skip
     parser.add_argument("--memory-child", nargs=3, type=Path, metavar=("TEACHER", "STORE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(*args.memory_child, args)
+        return
+    if args.backend == "vllm":
+        import cache_vllm
+
+        cache_vllm.main(args)
         return
 
     machine = machine_info(args)  # the load average before this bench's own work

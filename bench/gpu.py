@@ -181,7 +181,7 @@ def cache_config(teacher: Path, store: Path, out: Path, args: argparse.Namespace
 def measure_teacher(teacher_dir: Path, store_dir: Path, root: Path, args: argparse.Namespace) -> tuple[dict, CacheSummary, dict]:
     """Seconds of the bare forward, forward + sampling, and a cache-teacher shard loop, per repeat; the last summary; peaks."""
     plan = plan_cache(cache_config(teacher_dir, store_dir, root / "unused", args, "none"))
-    teacher, encoder = plan.teacher, BatchEncoder(plan)
+    teacher, encoder = plan.teacher.model, BatchEncoder(plan)
     print(f"teacher: {teacher.info.model_type} on {plan.device}, attention {teacher.model.config._attn_implementation}")
     split = plan.store.split("train")
     batches = [

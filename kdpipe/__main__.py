@@ -1,3 +1,5 @@
 from kdpipe.cli import main
 
-main()
+# Guarded: vLLM's worker processes are spawned and import the main module again.
+if __name__ == "__main__":
+    main()

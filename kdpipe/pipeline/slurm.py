@@ -10,7 +10,8 @@ command reads SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT). Shards are writte
 atomically and complete ones are skipped, so the same array can be re-submitted after a
 failure or cancellation and only the missing shards are computed. A finalize job that
 depends on the whole array (`afterany`, so it also runs when tasks failed) re-checks every
-checksum with `kdpipe verify` and fails, naming them, if shards are still missing.
+checksum with `kdpipe verify` and fails, naming them, if shards are still missing. With
+`--backend vllm --tensor-parallel-size N` each task gets N GPUs (one vLLM teacher per task).
 
 train-student: `srun` starts one torchrun agent per node; the agents meet at the first node
 of the allocation (`scontrol show hostnames`) and start the training processes. Preemption:
@@ -22,7 +23,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kdpipe import __version__
@@ -244,7 +245,7 @@ def cache_teacher_jobs(
             "kdpipe slurm cache-teacher sets each task's shards from the array (--tasks); drop --shard-index/--num-shards"
         )
     cache = cache_config.out
-    array = render_cache_array(config, cache_args, workdir)
+    array = render_cache_array(replace(config, gpus_per_task=_cache_task_gpus(config, cache_config)), cache_args, workdir)
     finalize = render_cache_finalize(config, cache, workdir)
     if not config.submit:
         return f"{array.text}\n# ----- {finalize.name} -----\n{finalize.text}"
@@ -254,6 +255,19 @@ def cache_teacher_jobs(
         f"submitted cache-teacher array job {array_id} ({config.tasks} tasks) and finalize job {finalize_id}\n"
         f"logs: {array.log_dir}; progress: kdpipe status {shlex.quote(str(cache))}"
     )
+
+
+def _cache_task_gpus(config: SlurmCacheConfig, cache_config: CacheTeacherConfig) -> int:
+    """GPUs each array task gets: --gpus-per-task, or for the vLLM backend its tensor-parallel size."""
+    if cache_config.backend != "vllm":
+        return config.gpus_per_task
+    tp = cache_config.tensor_parallel_size
+    if config.gpus_per_task and config.gpus_per_task < tp:
+        raise KdpipeError(
+            f"--gpus-per-task {config.gpus_per_task} is fewer than cache-teacher's --tensor-parallel-size {tp}; "
+            "give each task at least as many GPUs, or drop --gpus-per-task"
+        )
+    return config.gpus_per_task or tp
 
 
 def train_student_job(config: SlurmTrainConfig, train_args: Sequence[str], workdir: Path) -> str:

@@ -2,7 +2,7 @@
 
 Everything that decides the cache's content (sampler, snapshots, seed, shard geometry) is
 recorded in the manifest. The task slot and batch size decide only which shards this process
-writes and how fast; position chunk, device and dtype may change float rounding (see
+writes and how fast; position chunk, device, dtype and backend may change float rounding (see
 kdpipe.teacher_cache.run), so keep them fixed within one cache.
 """
 
@@ -52,6 +52,14 @@ class CacheTeacherConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "Teacher compute dtype: auto is bfloat16 on GPU and float32 on CPU."
     )
+    backend: Literal["transformers", "vllm"] = option(
+        "transformers",
+        "Teacher backend: transformers (one device) or vllm (tensor parallel; needs vLLM installed). Caches are interchangeable.",
+    )
+    tensor_parallel_size: int = option(1, "vllm: GPUs the teacher is split over (tensor parallelism).")
+    gpu_memory_utilization: float = option(
+        0.85, "vllm: fraction of each GPU's memory vLLM may take; the rest holds kdpipe's LM head and sampler buffers."
+    )
     splits: list[str] | None = option(None, "Token-store splits to cache (default: all of them).")
     overwrite: bool = option(False, "Delete a cache of another teacher/config found at --out and start afresh.")
     repair: bool = option(False, "Re-verify the checksums of complete shards and redo the bad ones.")
@@ -77,6 +85,14 @@ class CacheTeacherConfig:
             raise KdpipeError(
                 f"cache-teacher option snapshot_fraction={self.snapshot_fraction} must be in (0, 1]; "
                 "use snapshot_layers 'none' for no snapshots"
+            )
+        if self.tensor_parallel_size < 1:
+            raise KdpipeError(f"cache-teacher option tensor_parallel_size={self.tensor_parallel_size} must be >= 1")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise KdpipeError("cache-teacher option tensor_parallel_size > 1 needs backend 'vllm'")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise KdpipeError(
+                f"cache-teacher option gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]"
             )
         if not 0 <= self.seed < 2**32:
             raise KdpipeError(f"cache-teacher option seed={self.seed} must be in [0, 2^32)")

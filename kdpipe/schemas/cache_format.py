@@ -143,6 +143,9 @@ class CacheManifest:
     sampler: SamplerInfo
     snapshot: SnapshotInfo
     layout: LayoutInfo
+    producer: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Informational, outside the fingerprint: the backend that created the cache and package
+    versions ({"backend": "vllm", "vllm": "0.32.0", ...}). Caches written before it existed have none."""
     format: str = FORMAT_NAME
     schema_version: int = SCHEMA_VERSION
 
@@ -160,9 +163,10 @@ class CacheManifest:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of the content-deciding fields (not the teacher's path)."""
+        """sha256 of the canonical JSON of the content-deciding fields (not the teacher's path, nor the producer)."""
         data = to_dict(self)
         del data["teacher"]["path"]
+        del data["producer"]
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 

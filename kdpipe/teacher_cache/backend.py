@@ -162,13 +162,8 @@ class TeacherModel:
     def logits(self, hidden_PD: torch.Tensor) -> torch.Tensor:
         """Float32 logits (P, V) for a chunk of final hidden states (P, d): the model's own head and softcap, kept in fp32."""
         head = self.model.get_output_embeddings()
-        logits_PV = _matmul_fp32(hidden_PD.to(head.weight.device), head.weight)  # (P, V)
-        if head.bias is not None:
-            logits_PV = logits_PV + head.bias.float()
         cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
-        if cap:
-            logits_PV = torch.tanh(logits_PV / cap) * cap
-        return logits_PV
+        return head_logits(hidden_PD, head.weight, head.bias, cap)
 
     def _block(self, layer: int) -> nn.Module:
         if not 0 <= layer < len(self._blocks):
@@ -200,6 +195,19 @@ def check_tokenizer_compat(info: TeacherInfo, tokenizer_vocab_size: int, max_tok
             f"sequence length {seq_len} exceeds teacher {info.model_type}'s max positions {info.max_positions}; "
             "re-run prepare-data with a shorter seq_len"
         )
+
+
+def head_logits(hidden_PD: torch.Tensor, weight_VD: torch.Tensor, bias_V: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
+    """Float32 logits (P, V): `hidden @ weightᵀ + bias`, then the final-logit softcap if the teacher has one.
+
+    Shared by every backend, so that caches of one teacher get the same logits whatever ran its decoder.
+    """
+    logits_PV = _matmul_fp32(hidden_PD.to(weight_VD.device), weight_VD)  # (P, V)
+    if bias_V is not None:
+        logits_PV = logits_PV + bias_V.float()
+    if softcap:
+        logits_PV = torch.tanh(logits_PV / softcap) * softcap
+    return logits_PV
 
 
 def config_hash(config: PreTrainedConfig) -> str:

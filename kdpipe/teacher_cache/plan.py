@@ -34,6 +34,7 @@ from kdpipe.teacher_cache.backend import TeacherModel, check_tokenizer_compat
 from kdpipe.teacher_cache.inspect import shard_problem
 from kdpipe.teacher_cache.packing import count_dtype, entry_layout
 from kdpipe.teacher_cache.snapshot_positions import parse_layer_spec, snapshot_positions
+from kdpipe.teacher_cache.teacher_backend import TeacherBackend, TransformersBackend
 from kdpipe.teacher_cache.weight_files import check_safetensors_files
 
 # Anshumann et al. 2025 report about 12 unique ids per position at N=50 on real teachers;
@@ -61,7 +62,7 @@ class CachePlan:
     """Checked inputs and this task's share of the work; `cache_teacher` runs it."""
 
     config: CacheTeacherConfig
-    teacher: TeacherModel
+    teacher: TeacherBackend  # close() it when done (vLLM holds worker processes)
     store: TokenStore
     manifest: CacheManifest
     task_index: int
@@ -117,7 +118,7 @@ class CachePlan:
             f"cache-teacher plan for {c.out} ({state})",
             f"  teacher    {c.teacher}: {m.teacher.model_type}, {m.teacher.num_layers} layers, hidden {m.teacher.hidden_size}, "
             f"LM head {m.teacher.vocab_size} rows",
-            f"  device     {self.device}",
+            f"  device     {self.device}, {self.teacher.name} backend",
             f"  tokens     {c.tokens}: {', '.join(f'{s} {n:,}' for s, n in m.token_store.splits.items())} sequences of {seq_len}",
             f"  sampler    {sampler}",
             f"  snapshots  {snapshots}",
@@ -146,7 +147,15 @@ def plan_cache(config: CacheTeacherConfig) -> CachePlan:
     store = TokenStore.open(config.tokens)
     selected = _selected(config, store)
     check_safetensors_files(config.teacher)  # a truncated file would fail deep inside transformers
-    teacher = _load_teacher_quietly(config)
+    teacher = _load_teacher_quietly(config, store.seq_len)
+    try:
+        return _plan(config, store, selected, teacher)
+    except BaseException:
+        teacher.close()
+        raise
+
+
+def _plan(config: CacheTeacherConfig, store: TokenStore, selected: list[str], teacher: TeacherBackend) -> CachePlan:
     teacher_tokenizer = _teacher_tokenizer_fingerprint(config.teacher)
     if teacher_tokenizer != store.tokenizer_fingerprint:
         raise KdpipeError(
@@ -162,10 +171,7 @@ def plan_cache(config: CacheTeacherConfig) -> CachePlan:
             f"({teacher.info.vocab_size} LM-head rows); use --top-k {teacher.info.vocab_size} or less"
         )
     layers = parse_layer_spec(config.snapshot_layers, teacher.info.num_layers)
-    for layer in layers:  # structural checks now, not after the first forward
-        teacher.ffn(layer)
-        if config.snapshot_attention:
-            teacher.attention(layer)
+    teacher.check_snapshot_layers(layers, config.snapshot_attention)  # now, not after the first forward
     manifest = build_manifest(config, teacher, store, teacher_tokenizer, layers)
     out_state = _check_out_dir(config, manifest)
     task_index, num_tasks = config.task_slot()
@@ -203,7 +209,7 @@ def plan_cache(config: CacheTeacherConfig) -> CachePlan:
 
 
 def build_manifest(
-    config: CacheTeacherConfig, teacher: TeacherModel, store: TokenStore, tokenizer: str, layers: list[int]
+    config: CacheTeacherConfig, teacher: TeacherBackend, store: TokenStore, tokenizer: str, layers: list[int]
 ) -> CacheManifest:
     """The manifest of the cache `config` describes.
 
@@ -260,6 +266,7 @@ def build_manifest(
             count_dtype=str(count_dtype(max_entries)),  # type: ignore[arg-type]
             shards={name: -(-n // per_shard) for name, n in splits.items()},
         ),
+        producer={"backend": teacher.name, **teacher.versions()},
     )
 
 
@@ -272,13 +279,18 @@ def _selected(config: CacheTeacherConfig, store: TokenStore) -> list[str]:
     return list(config.splits)
 
 
-def _load_teacher_quietly(config: CacheTeacherConfig) -> TeacherModel:
+def _load_teacher_quietly(config: CacheTeacherConfig, seq_len: int) -> TeacherBackend:
     """Load without transformers' "Loading weights" bar: kdpipe shows its own progress, and a
-    stray tqdm line on stderr would break the one-line error of a check that fails after loading."""
+    stray tqdm line on stderr would break the one-line error of a check that fails after loading.
+    vLLM is imported only here, when asked for."""
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return TeacherModel.load(config.teacher, device=config.device, dtype=config.dtype)
+        if config.backend == "vllm":
+            from kdpipe.teacher_cache.vllm_backend import VllmBackend
+
+            return VllmBackend.load(config, seq_len=seq_len)
+        return TransformersBackend(TeacherModel.load(config.teacher, device=config.device, dtype=config.dtype))
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
@@ -319,7 +331,7 @@ def _check_out_dir(config: CacheTeacherConfig, manifest: CacheManifest) -> Liter
     for data in (existing, ours):
         if isinstance(data.get("teacher"), dict):
             data["teacher"].pop("path", None)  # informational, never a difference
-    differing = [key for key in sorted(ours) if key != "fingerprint" and existing.get(key) != ours[key]]
+    differing = [key for key in sorted(ours) if key not in ("fingerprint", "producer") and existing.get(key) != ours[key]]
     raise KdpipeError(
         f"--out {out} holds a cache of another teacher/config ({', '.join(differing) or 'fingerprint'} differ); "
         "use another --out, or --overwrite to delete it"

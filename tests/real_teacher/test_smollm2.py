@@ -102,6 +102,11 @@ def test_the_converted_teacher_is_smollm2_and_predicts_code_well(real_teacher, r
     assert loss < 3.0
 
 
+def test_real_teacher_command_prints_the_converted_directory(real_teacher, capsys):
+    assert in_process("real-teacher", "smollm2") == 0
+    assert Path(capsys.readouterr().out.strip()) == real_teacher  # reused, not converted again
+
+
 def test_inspect_and_verify(work, capsys):
     for mode in ("rs-kd", "top-k"):
         num_shards = len(open_cache(work / mode).manifest.global_shards())

@@ -33,7 +33,7 @@ CONFIG_COMMANDS = {
 POSITIONAL = {("prepare-data",): {"inputs"}, ("export-student",): {"run"}}
 PASS_THROUGH = {("slurm", "cache-teacher"): "cache_args", ("slurm", "train-student"): "train_args"}
 NO_CONFIG_FILE = {("export-student",), ("slurm", "cache-teacher"), ("slurm", "train-student")}
-PLAIN_COMMANDS = {("inspect",), ("verify",), ("report",), ("status",)}  # no config dataclass: hand-written arguments
+PLAIN_COMMANDS = {("inspect",), ("verify",), ("report",), ("status",), ("real-teacher",)}  # no config dataclass: hand-written arguments
 
 
 def command(path: tuple[str, ...]):

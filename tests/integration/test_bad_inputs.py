@@ -249,7 +249,7 @@ def verify_token_store_flipped_document_bit(ws: Workspace) -> Scenario:
 
 def verify_cache_flipped_bit(ws: Workspace) -> Scenario:
     cache = ws.copy(ws.art.cache, "cache")
-    flip_bit(cf.shard_dir(cache, "train", 1) / "entries" / "c" / "0")
+    flip_bit(cf.shard_dir(cache, "train", 1) / "entries" / "c" / "0" / "0")
     return Scenario(["verify", cache], ("train/00001", "fails its checksum", "--repair"))
 
 
@@ -259,8 +259,8 @@ def verify_not_a_cache(ws: Workspace) -> Scenario:
 
 def inspect_deleted_data_file(ws: Workspace) -> Scenario:
     cache = ws.copy(ws.art.cache, "cache")
-    (cf.shard_dir(cache, "train", 0) / "entries" / "c" / "0").unlink()
-    return Scenario(["inspect", cache], ("train/00000", "damaged", "entries/c/0 is missing", "--repair"))
+    (cf.shard_dir(cache, "train", 0) / "entries" / "c" / "0" / "0").unlink()
+    return Scenario(["inspect", cache], ("train/00000", "damaged", "entries/c/0/0 is missing", "--repair"))
 
 
 def inspect_emptied_data_file(ws: Workspace) -> Scenario:
@@ -413,14 +413,14 @@ def test_bad_input(case: str, ws: Workspace) -> None:
 
 def test_repair_dry_run_lists_the_shard_repair_would_redo(ws: Workspace) -> None:
     cache = ws.copy(ws.art.cache, "cache")
-    flip_bit(cf.shard_dir(cache, "train", 1) / "entries" / "c" / "0")
+    flip_bit(cf.shard_dir(cache, "train", 1) / "entries" / "c" / "0" / "0")
     before = file_hashes(cache)
     result = kdpipe(*cache_args(ws, "--repair", "--dry-run", out=cache))
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())  # undo the console's wrapping
     num_shards = sum(1 for split in ("train", "val") for _ in cf.shards_root(cache, split).iterdir())
     assert f"takes {num_shards}, 1 to write (1 of them redone by --repair)" in text, text
-    assert "1 complete shards fail verification and will be redone: train/00001 (file entries/c/0 fails its checksum)" in text
+    assert "1 complete shards fail verification and will be redone: train/00001 (file entries/c/0/0 fails its checksum)" in text
     assert file_hashes(cache) == before
 
 

@@ -46,12 +46,14 @@ class TrainStudentConfig:
     )
     hidden_size: int | None = option(None, "lrc: the student's residual width d_S (smaller than the teacher's).")
     lrc_init: Literal["random", "shared"] = option(
-        "random",
-        "lrc: projection init. random: normal(0, --init-std), as in the LRC paper. shared: one basis for every projection, "
-        "the top-d_S principal directions of the teacher's rms-normalised residual stream, with the teacher's norm weights "
-        f"folded in, so the student starts near the teacher; computed from the cache alone (the FFN-input snapshots of its "
-        f"first {INIT_SEQUENCES} training sequences, one sample per snapshot position and layer: 32K samples with the "
-        "default snapshots at seq-len 512), so it needs a cache made with snapshots.",
+        "shared",
+        "lrc: projection init. shared: one basis for every projection, the top-d_S principal directions of the teacher's "
+        "rms-normalised residual stream, with the teacher's norm weights folded in, so the student starts near the "
+        "teacher; computed from the cache alone: at the snapshot positions of its first "
+        f"{INIT_SEQUENCES} training sequences, each snapshotted layer's FFN input over its norm weight plus the token's "
+        "embedding row (36K samples with the default snapshots at seq-len 512), then the final norm is scaled to the "
+        "logit temperature that best predicts 2 training sequences. Needs a cache made with snapshots (the default). "
+        "random: normal(0, --init-std), as in the LRC paper.",
     )
     init_std: float = option(0.02, "lrc: standard deviation of the random projection init.")
     tie_embeddings: bool | None = option(None, "lrc: tie the student's LM head to its embedding (default: as the teacher).")
@@ -85,9 +87,10 @@ class TrainStudentConfig:
     )
     clone_scale: Literal["relative", "absolute"] = option(
         "relative",
-        "lrc: scale of each clone term (layer x gate/up/ffn_out...). relative: its MSE divided by the mean square of its "
-        "teacher target, so a term is 1 for a silent student and alpha means the same on any teacher; absolute: the "
-        "LRC paper's plain MSE, whose size follows the teacher's activation magnitudes.",
+        "lrc: scale of the clone loss. relative: the mean over terms (snapshot layer x gate/up/ffn_out) and positions of "
+        "|student - teacher|^2 / |teacher|^2, 1 for a silent student and 0 for a perfect clone, so alpha "
+        "means the same on any teacher; absolute: the LRC paper's sum of plain MSEs, whose size follows the teacher's "
+        "activation magnitudes and the number of snapshot layers (~77 on SmolLM2-135M at the start, 4x its KD term).",
     )
     clone_schedule: ScheduleKind = option("constant", "Schedule of the clone weight.")
     weight_warmup_steps: int = option(0, "Warm-up steps of the loss-weight schedules (they decay, if at all, to 0).")

@@ -5,7 +5,12 @@ P_m (d_T, d_S): W_S = W_T @ P for q, k, v, gate, up (HF Linear weights are (out,
 this shrinks the input side); W_S = P^T @ W_T for o and down (the output side, which
 writes into the residual stream); E_S = E_T @ P_emb. Heads, head_dim, FFN width, vocab and
 depth stay the teacher's; only the residual width shrinks. The RMSNorms are new, of width
-d_S, initialised to 1.
+d_S. Init "random" (the paper's) draws every P at random and sets the norms to 1; init
+"shared" uses one orthonormal basis U of the teacher's residual stream for every P, with
+the teacher's norm weights folded into the projections that read through them, so the
+student starts as the teacher restricted to span(U) (lrc_init computes U from the cache).
+Per-matrix SVD bases are not offered: each matrix then reads in a basis other layers did
+not write in, and on SmolLM2-135M that starts worse than random (13.1 vs 11.1).
 
 Parity with the exported model holds by construction: the forward runs the Hugging Face
 module of the teacher's own architecture, built for `hidden_size = d_S` on the meta device

@@ -190,15 +190,15 @@ def test_clone_loss_is_summed_mse_over_shared_terms() -> None:
     assert clone_loss({}, targets).item() == 0.0
 
 
-def test_relative_clone_scale_divides_each_term_by_its_targets_mean_square() -> None:
+def test_relative_clone_scale_is_the_mean_relative_error_per_position() -> None:
     g = torch.Generator().manual_seed(0)
     acts = {0: {"gate": torch.randn(2, 3, 8, generator=g)}, 1: {"gate": torch.randn(2, 3, 8, generator=g, requires_grad=True)}}
     targets = {0: {"gate": 10 * torch.randn(2, 3, 8, generator=g)}, 1: {"gate": 0.1 * torch.randn(2, 3, 8, generator=g)}}
-    expected = sum(((acts[i]["gate"] - targets[i]["gate"]) ** 2).mean() / (targets[i]["gate"] ** 2).mean() for i in (0, 1))
+    expected = sum((((acts[i]["gate"] - targets[i]["gate"]) ** 2).sum(-1) / (targets[i]["gate"] ** 2).sum(-1)).mean() for i in (0, 1)) / 2
     torch.testing.assert_close(clone_loss(acts, targets, scale="relative"), expected)
-    # A student that outputs nothing scores 1 per term, whatever the teacher's scale.
+    # A student that outputs nothing scores 1, whatever the teacher's scale.
     silent = {i: {"gate": torch.zeros(2, 3, 8)} for i in (0, 1)}
-    assert clone_loss(silent, targets, scale="relative").item() == pytest.approx(2.0)
+    assert clone_loss(silent, targets, scale="relative").item() == pytest.approx(1.0)
     assert clone_loss(silent, targets, scale="absolute").item() > 50
 
 

@@ -19,10 +19,12 @@ from kdpipe.student_train.builders import build_student
 from kdpipe.teacher_cache import open_cache
 from kdpipe.teacher_cache.run import cache_teacher
 
-pytestmark = pytest.mark.real_teacher
+# Converting the GGUF and caching ~7K tokens take a few minutes on 2 busy cores.
+pytestmark = [pytest.mark.real_teacher, pytest.mark.timeout(1800)]
 
 SEQ_LEN = 256
-MODULES = ("argparse", "textwrap", "shlex", "fnmatch", "dataclasses", "functools")
+MODULES = ("textwrap", "shlex", "fnmatch", "functools")
+HELD_OUT = "argparse"  # never cached: the loss is measured on its first 2 x 256 tokens
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def cache(smollm2: Path, tmp_path_factory) -> Path:
     for module in MODULES:
         (corpus / f"{module}.txt").write_text((stdlib / f"{module}.py").read_text(encoding="utf-8"), encoding="utf-8")
     store = root / "tokens"
-    prepare_data(PrepareDataConfig(inputs=[str(corpus)], tokenizer=smollm2, out=store, seq_len=SEQ_LEN, val_fraction=0.2))
+    prepare_data(PrepareDataConfig(inputs=[str(corpus)], tokenizer=smollm2, out=store, seq_len=SEQ_LEN))
     out = root / "cache"
     cache_teacher(CacheTeacherConfig(teacher=smollm2, tokens=store, out=out, snapshot_fraction=0.125, device="cpu"))
     return out
@@ -68,9 +70,12 @@ def _heldout_loss(student, tokens_BT: torch.Tensor) -> float:
         return float(F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]), tokens_BT[:, 1:].reshape(-1)))
 
 
-def test_shared_init_starts_far_below_random_init(cache: Path, tmp_path: Path) -> None:
+def test_shared_init_starts_far_below_random_init(smollm2: Path, cache: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / f"{HELD_OUT}.py").read_text(encoding="utf-8")
+    val_BT = torch.tensor(AutoTokenizer.from_pretrained(smollm2)(text)["input_ids"][: 2 * SEQ_LEN]).reshape(2, SEQ_LEN)
     opened = open_cache(cache)
-    val_BT = torch.from_numpy(opened.open_shard("val", 0).read(0, 2).tokens).long()
     losses = {}
     for init in ("random", "shared"):
         config = TrainStudentConfig(cache=cache, out=tmp_path / init, hidden_size=288, lrc_init=init, tie_embeddings=False, steps=1)

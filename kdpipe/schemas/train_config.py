@@ -25,6 +25,11 @@ ScheduleKind = Literal["constant", "linear", "cosine", "wsd"]
 STUDENT_KINDS = ("lrc", "plain")
 SCHEDULE_KINDS = ("constant", "linear", "cosine", "wsd")
 
+DEFAULT_LR = 3e-4
+SHARED_INIT_LR = 3e-5
+INIT_SEQUENCES = 256
+"""Training sequences whose cached FFN inputs `--lrc-init shared` reads (fewer if the split is smaller)."""
+
 RESUMABLE_CHANGES = frozenset({"resume", "out", "cache", "num_workers", "checkpoint_every", "keep_checkpoints"})
 """Options a resumed run may give differently: none of them changes a trained weight.
 (`cache` may move: the run is tied to the cache's fingerprint, not to its path.)"""
@@ -44,8 +49,15 @@ class TrainStudentConfig:
         "lrc: the student's residual width d_S, below the teacher's; some families also need a multiple of the "
         "teacher's attention heads (Llama does), and a refused width is answered with the nearest valid ones.",
     )
-    lrc_init: Literal["random", "svd"] = option(
-        "random", "lrc: projection init, random normal (as in the LRC paper) or the top singular vectors of each teacher matrix."
+    lrc_init: Literal["random", "shared"] = option(
+        "shared",
+        "lrc: projection init. shared: one basis for every projection, the top-d_S principal directions of the teacher's "
+        "rms-normalised residual stream, with the teacher's norm weights folded in, so the student starts near the "
+        "teacher; computed from the cache alone: at the snapshot positions of its first "
+        f"{INIT_SEQUENCES} training sequences, each snapshotted layer's FFN input over its norm weight plus the token's "
+        "embedding row (36K samples with the default snapshots at seq-len 512), then the final norm is scaled to the "
+        "logit temperature that best predicts 2 training sequences. Needs a cache made with snapshots (the default). "
+        "random: normal(0, --init-std), as in the LRC paper.",
     )
     init_std: float = option(0.02, "lrc: standard deviation of the random projection init.")
     tie_embeddings: bool | None = option(None, "lrc: tie the student's LM head to its embedding (default: as the teacher).")
@@ -56,7 +68,11 @@ class TrainStudentConfig:
     tokens: int | None = option(None, "Tokens to train on, rounded up to whole optimizer steps (give this or --steps).")
     batch_size: int = option(8, "Sequences per micro-batch on each rank.")
     grad_accum: int = option(1, "Micro-batches per optimizer step (global batch = batch_size x grad_accum x ranks).")
-    lr: float = option(3e-4, "Peak learning rate of AdamW.")
+    lr: float | None = option(
+        None,
+        f"Peak learning rate of AdamW (default: {SHARED_INIT_LR:g} with --lrc-init shared, whose start larger steps "
+        f"undo, else {DEFAULT_LR:g}).",
+    )
     lr_schedule: ScheduleKind = option("wsd", "Learning-rate shape after warm-up: constant, linear, cosine or wsd.")
     warmup_steps: int = option(0, "Learning-rate warm-up steps.")
     decay_fraction: float = option(0.2, "wsd schedules: fraction of the run, at its end, spent decaying.")
@@ -72,6 +88,13 @@ class TrainStudentConfig:
     kd_schedule: ScheduleKind = option("constant", "Schedule of the KD weight (PD finds wsd best).")
     clone_weight: float = option(
         0.0, "lrc: weight of the clone loss at the cached snapshot positions (alpha); needs a cache with snapshots."
+    )
+    clone_scale: Literal["relative", "absolute"] = option(
+        "relative",
+        "lrc: scale of the clone loss. relative: the mean over terms (snapshot layer x gate/up/ffn_out) and positions of "
+        "|student - teacher|^2 / |teacher|^2, 1 for a silent student and 0 for a perfect clone, so alpha "
+        "means the same on any teacher; absolute: the LRC paper's sum of plain MSEs, whose size follows the teacher's "
+        "activation magnitudes and the number of snapshot layers (~77 on SmolLM2-135M at the start, 4x its KD term).",
     )
     clone_schedule: ScheduleKind = option("constant", "Schedule of the clone weight.")
     weight_warmup_steps: int = option(0, "Warm-up steps of the loss-weight schedules (they decay, if at all, to 0).")
@@ -93,6 +116,8 @@ class TrainStudentConfig:
     resume: bool = option(False, "Continue the run in --out from its latest complete checkpoint (starts afresh if it has none).")
 
     def __post_init__(self) -> None:
+        if self.lr is None:
+            self.lr = SHARED_INIT_LR if self.student == "lrc" and self.lrc_init == "shared" else DEFAULT_LR
         if self.student not in STUDENT_KINDS:
             raise KdpipeError(f"unknown student type {self.student!r}: use --student lrc or --student plain")
         if self.student == "lrc":

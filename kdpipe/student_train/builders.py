@@ -25,10 +25,17 @@ from kdpipe.schemas.errors import KdpipeError
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.lrc import LRCOutput, LRCSpec, LRCStudent
 from kdpipe.student_train.validate import check_plain_config, read_student_config, teacher_dir
+from kdpipe.student_train.lrc_init import (
+    SharedBasis,
+    best_logit_scale,
+    cached_residual_samples,
+    calibration_tokens,
+    shared_basis,
+)
 
 # The teacher fingerprint must be computed exactly as `cache-teacher` computed it, so the
 # loader that produced the manifest's hashes is used (it is not part of the reader API).
-from kdpipe.teacher_cache import TeacherModel
+from kdpipe.teacher_cache import TeacherCache, TeacherModel
 
 
 class PlainStudent(nn.Module):
@@ -64,8 +71,14 @@ def lm_head_bias(student: Student) -> Tensor | None:
     return student.lm_head_bias() if isinstance(student, PlainStudent) else None
 
 
-def build_student(config: TrainStudentConfig, manifest: CacheManifest, *, device: torch.device) -> Student:
-    """The student of `config`, initialised from `config.seed`, on `device`."""
+def build_student(
+    config: TrainStudentConfig, manifest: CacheManifest, *, device: torch.device, cache: TeacherCache | None = None
+) -> Student:
+    """The student of `config`, initialised from `config.seed`, on `device`.
+
+    `cache` is where `--lrc-init shared` reads its residual samples; without it (export,
+    which loads trained weights right after) the projections start random instead.
+    """
     if config.clone_weight > 0 and not manifest.snapshot.layers:
         raise KdpipeError(
             f"cache {config.cache} has no FFN snapshots, which --clone-weight > 0 needs; use a cache made with "
@@ -75,18 +88,38 @@ def build_student(config: TrainStudentConfig, manifest: CacheManifest, *, device
     if config.student == "lrc":
         teacher = load_teacher(manifest, device=device)
         assert config.hidden_size is not None
+        shared = config.lrc_init == "shared" and cache is not None
         spec = LRCSpec(
             hidden_size=config.hidden_size,
-            init=config.lrc_init,
+            init="shared" if shared else "random",
             init_std=config.init_std,
             tie_embeddings=config.tie_embeddings,
+            basis=shared_basis_of(cache, teacher, config.hidden_size) if shared else None,
         )
         student = LRCStudent(teacher, spec)
+        if shared:
+            calibrate_final_norm(student, calibration_tokens(cache).to(device))
         if config.clone_weight > 0:
             student.capture_layers = manifest.snapshot.layers
         return student
     assert config.student_config is not None
     return build_plain(read_student_config(config.student_config), manifest).to(device)
+
+
+def shared_basis_of(cache: TeacherCache, teacher: PreTrainedModel, hidden_size: int) -> SharedBasis:
+    """The shared basis of `--lrc-init shared` from the cache's snapshots and the teacher's embedding and norms."""
+    post_norm_weights = [layer.post_attention_layernorm.weight.detach().cpu() for layer in teacher.get_decoder().layers]
+    embedding_VD = teacher.get_input_embeddings().weight.detach()
+    return shared_basis(cached_residual_samples(cache, post_norm_weights, embedding_VD), hidden_size)
+
+
+@torch.no_grad()
+def calibrate_final_norm(student: LRCStudent, tokens_BT: Tensor) -> None:
+    """Scale the shared init's final norm to the `LOGIT_SCALES` entry that predicts `tokens_BT` best."""
+    hidden_BTS = student(tokens_BT).hidden
+    hidden_ND = hidden_BTS[:, :-1].reshape(-1, hidden_BTS.shape[-1])  # (B*(T-1), d_S)
+    scale = best_logit_scale(hidden_ND, student.lm_head_weight(), tokens_BT[:, 1:].reshape(-1))
+    student.final_norm.mul_(scale)
 
 
 def load_teacher(manifest: CacheManifest, *, device: torch.device) -> PreTrainedModel:

@@ -5,7 +5,12 @@ P_m (d_T, d_S): W_S = W_T @ P for q, k, v, gate, up (HF Linear weights are (out,
 this shrinks the input side); W_S = P^T @ W_T for o and down (the output side, which
 writes into the residual stream); E_S = E_T @ P_emb. Heads, head_dim, FFN width, vocab and
 depth stay the teacher's; only the residual width shrinks. The RMSNorms are new, of width
-d_S, initialised to 1.
+d_S. Init "random" (the paper's) draws every P at random and sets the norms to 1; init
+"shared" uses one orthonormal basis U of the teacher's residual stream for every P, with
+the teacher's norm weights folded into the projections that read through them, so the
+student starts as the teacher restricted to span(U) (lrc_init computes U from the cache).
+Per-matrix SVD bases are not offered: each matrix then reads in a basis other layers did
+not write in, and on SmolLM2-135M that starts worse than random (13.1 vs 11.1).
 
 Parity with the exported model holds by construction: the forward runs the Hugging Face
 module of the teacher's own architecture, built for `hidden_size = d_S` on the meta device
@@ -21,6 +26,7 @@ themselves, not fp32 copies of the whole teacher.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,6 +37,7 @@ from torch.func import functional_call
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.student_train.lrc_init import SharedBasis
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -67,12 +74,15 @@ class LRCSpec:
 
     hidden_size: int
     """Student residual width d_S; must be smaller than the teacher's d_T."""
-    init: Literal["random", "svd"] = "random"
-    """Projection init: "random" = normal(0, init_std) as in the LRC paper; "svd" = top singular vectors of each teacher matrix."""
+    init: Literal["random", "shared"] = "random"
+    """Projection init: "random" = normal(0, init_std) as in the LRC paper; "shared" = one basis for all
+    projections with the teacher's norm weights folded in (`basis` required; see lrc_init)."""
     init_std: float = 0.02
     """Standard deviation of the random projection init."""
     tie_embeddings: bool | None = None
     """Tie the student's LM head to its embedding; None follows the teacher."""
+    basis: SharedBasis | None = None
+    """The shared basis of init "shared" (computed from cached FFN inputs by lrc_init)."""
 
 
 @dataclass(slots=True)
@@ -85,36 +95,33 @@ class LRCOutput:
     """layer -> clone term -> (B, K, width) at the capture positions; empty without positions."""
 
 
-def _right_basis(weight: Tensor) -> Tensor:
-    """Right singular vectors of `weight` (out, in) as columns, (in, in), strongest first.
+def _init_projection(spec: LRCSpec, d_T: int, *, device: torch.device, norm_weight: Tensor | None = None) -> nn.Parameter:
+    """A (d_T, d_S) projection.
 
-    Full matrices only when out < in, so the basis always spans the whole input space
-    (a k_proj narrower than d_S still yields d_S orthonormal columns) and an embedding
-    (V, d_T) never builds a (V, V) factor.
+    random: normal(0, init_std), as in the LRC paper. shared: the shared basis U; a
+    projection that reads the residual through a teacher RMSNorm of weight γ (q, k, v
+    through the input norm, gate and up through the post-attention norm, an untied head
+    through the final norm) is diag(γ)·U, so the student's own norms start as scaled
+    identities. A tied head is the embedding, E·U: it cannot carry the final norm.
     """
-    _, _, vh = torch.linalg.svd(weight.float(), full_matrices=weight.shape[0] < weight.shape[1])
-    return vh.T  # (in, in)
+    if spec.init == "random":
+        return nn.Parameter(torch.randn(d_T, spec.hidden_size, device=device) * spec.init_std)
+    assert spec.basis is not None
+    u_TS = spec.basis.vectors.to(device)  # (d_T, d_S)
+    if norm_weight is not None:
+        u_TS = norm_weight.detach().float().to(device).unsqueeze(-1) * u_TS
+    return nn.Parameter(u_TS.clone())
 
 
-def _left_basis(weight: Tensor) -> Tensor:
-    """Left singular vectors of `weight` (out, in) as columns, (out, out), strongest first."""
-    u, _, _ = torch.linalg.svd(weight.float(), full_matrices=weight.shape[0] > weight.shape[1])
-    return u  # (out, out)
+def _norm_init(spec: LRCSpec) -> float:
+    """The student's RMSNorm weights at init: 1, or sqrt(d_T·e/d_S) for the shared basis.
 
-
-def _init_projection(spec: LRCSpec, teacher_weight: Tensor, side: Literal["in", "out"]) -> nn.Parameter:
-    """A (d_T, d_S) projection for one teacher matrix.
-
-    SVD init keeps the subspace of the residual stream the teacher matrix uses most: for a
-    matrix reading the residual (q, k, v, gate, up, embedding rows) its top right singular
-    vectors, for one writing it (o, down) its top left singular vectors. Both are
-    orthonormal, so P^T P = I.
+    The student's residual is U^T·h; its rms is rms(h)·sqrt(d_T·e/d_S) on average (e the
+    energy U keeps), so this weight makes W_S·norm_S(U^T·h) equal W_T·norm_T(h) on span(U).
     """
-    d_T = teacher_weight.shape[1] if side == "in" else teacher_weight.shape[0]
-    if spec.init == "svd":
-        basis = _right_basis(teacher_weight) if side == "in" else _left_basis(teacher_weight)
-        return nn.Parameter(basis[:, : spec.hidden_size].contiguous())
-    return nn.Parameter(torch.randn(d_T, spec.hidden_size, device=teacher_weight.device) * spec.init_std)
+    if spec.basis is None:
+        return 1.0
+    return math.sqrt(spec.basis.kept_mean_square / spec.hidden_size)
 
 
 class _CloneLayer(nn.Module):
@@ -123,18 +130,22 @@ class _CloneLayer(nn.Module):
     def __init__(self, teacher_layer: nn.Module, spec: LRCSpec) -> None:
         super().__init__()
         self.proj = nn.ParameterDict()
+        # The teacher norm each reading projection sits behind (folded into P by the shared init).
+        gamma_in, gamma_post = teacher_layer.input_layernorm.weight, teacher_layer.post_attention_layernorm.weight
+        reading_norms = {"q": gamma_in, "k": gamma_in, "v": gamma_in, "gate": gamma_post, "up": gamma_post}
         for name, (path, side) in PROJECTED_LINEARS.items():
             linear = teacher_layer.get_submodule(path)
             self.register_buffer(f"teacher_{name}_weight", linear.weight.detach(), persistent=False)
             bias = linear.bias.detach() if linear.bias is not None else None
             self.register_buffer(f"teacher_{name}_bias", bias, persistent=False)
-            self.proj[name] = _init_projection(spec, linear.weight.detach(), side)
+            d_T = linear.weight.shape[1] if side == "in" else linear.weight.shape[0]
+            self.proj[name] = _init_projection(spec, d_T, device=linear.weight.device, norm_weight=reading_norms.get(name))
         for name in HEAD_NORMS:
             norm = getattr(teacher_layer.self_attn, name, None)
             self.register_buffer(name, None if norm is None else norm.weight.detach(), persistent=False)
         device = teacher_layer.self_attn.q_proj.weight.device
-        self.input_norm = nn.Parameter(torch.ones(spec.hidden_size, device=device))
-        self.post_attention_norm = nn.Parameter(torch.ones(spec.hidden_size, device=device))
+        self.input_norm = nn.Parameter(torch.full((spec.hidden_size,), _norm_init(spec), device=device))
+        self.post_attention_norm = nn.Parameter(torch.full((spec.hidden_size,), _norm_init(spec), device=device))
 
     def teacher_weight(self, name: str) -> Tensor:
         return getattr(self, f"teacher_{name}_weight")
@@ -201,8 +212,9 @@ class LRCStudent(nn.Module):
             )
         if spec.init_std <= 0:
             raise KdpipeError(f"LRC student init_std {spec.init_std} must be positive")
-        if spec.init not in ("random", "svd"):
-            raise KdpipeError(f"LRC student init '{spec.init}' is not one of 'random', 'svd'")
+        if spec.init not in ("random", "shared"):
+            raise KdpipeError(f"LRC student init '{spec.init}' is not one of 'random', 'shared'")
+        assert (spec.basis is not None) == (spec.init == "shared"), "the shared init needs a basis, and only it"
         self.spec = spec
         teacher_tied = bool(config.tie_word_embeddings)
         self.tied = teacher_tied if spec.tie_embeddings is None else spec.tie_embeddings
@@ -213,16 +225,18 @@ class LRCStudent(nn.Module):
 
         embed = teacher.get_input_embeddings().weight.detach()  # (V, d_T)
         self.register_buffer("teacher_embed", embed, persistent=False)
-        self.embed_proj = _init_projection(spec, embed, "in")
+        d_T, device = embed.shape[1], embed.device
+        self.embed_proj = _init_projection(spec, d_T, device=device)
+        final_norm_weight = decoder.norm.weight.detach()  # (d_T,) the teacher's final norm
         if self.tied:
             self.register_buffer("teacher_head", None, persistent=False)
             self.head_proj = None
         else:
             head_weight = head.weight.detach()  # (V, d_T); equals the embedding for a tied teacher
             self.register_buffer("teacher_head", head_weight, persistent=False)
-            self.head_proj = _init_projection(spec, head_weight, "in")
+            self.head_proj = _init_projection(spec, d_T, device=device, norm_weight=final_norm_weight)
         self.layers = nn.ModuleList(_CloneLayer(layer, spec) for layer in decoder.layers)
-        self.final_norm = nn.Parameter(torch.ones(spec.hidden_size, device=embed.device))
+        self.final_norm = nn.Parameter(torch.full((spec.hidden_size,), _norm_init(spec), device=device))
 
         # The HF module skeleton lives on the meta device and holds no weights; it is kept
         # out of the module tree so .to()/state_dict()/parameters() never see it. Its rotary

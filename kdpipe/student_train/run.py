@@ -79,11 +79,11 @@ def build_trainer(
     resuming = _check_run_dir(config, cache, ctx)
     ctx.barrier()  # every rank has looked at the run directory before rank 0 writes to it
 
-    student = build_student(config, cache.manifest, device=ctx.device)
+    student = build_student(config, cache.manifest, device=ctx.device, cache=cache)
     use_lm, use_kd, use_clone = config.lm_weight > 0, config.kd_weight > 0, config.clone_weight > 0
     module = StudentLoss(
         student, mode=cache.mode, kd_temperature=config.kd_temperature, chunk_size=config.loss_chunk_size,
-        use_lm=use_lm, use_kd=use_kd, use_clone=use_clone,
+        use_lm=use_lm, use_kd=use_kd, use_clone=use_clone, clone_scale=config.clone_scale,
     )  # fmt: skip
     blocks = student.blocks() if isinstance(student, PlainStudent) else []
     module = parallelize(module, ctx=ctx, mode=config.parallelism, blocks=blocks, find_unused_parameters=not (use_lm or use_kd))

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.student_train.builders import Student, lm_head_bias
 from kdpipe.student_train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from kdpipe.student_train.clone_loss import clone_loss_terms
+from kdpipe.student_train.clone_loss import CloneScale, clone_loss_terms
 from kdpipe.student_train.loader import StudentBatch
 from kdpipe.student_train.losses import SparseTargetBatch, kd_lm_loss, normalise_targets
 from kdpipe.student_train.metrics import EvalAccumulator
@@ -66,7 +66,8 @@ class StudentLoss(nn.Module):
     """Student forward plus losses; in eval, student forward plus eval metrics."""
 
     def __init__(
-        self, student: Student, *, mode: str, kd_temperature: float, chunk_size: int, use_lm: bool, use_kd: bool, use_clone: bool
+        self, student: Student, *, mode: str, kd_temperature: float, chunk_size: int, use_lm: bool, use_kd: bool, use_clone: bool,
+        clone_scale: CloneScale = "absolute",
     ) -> None:
         super().__init__()
         self.student = student
@@ -74,6 +75,7 @@ class StudentLoss(nn.Module):
         self.kd_temperature = kd_temperature
         self.chunk_size = chunk_size
         self.use_lm, self.use_kd, self.use_clone = use_lm, use_kd, use_clone
+        self.clone_scale = clone_scale
 
     def forward(
         self, batch: StudentBatch, weights: LossWeights | None = None, accumulator: EvalAccumulator | None = None
@@ -109,7 +111,7 @@ class StudentLoss(nn.Module):
         if self.use_clone:
             # Targets at the cached snapshot positions, the same positions the forward captured.
             targets = {layer: self.student.clone_targets(layer, batch.snapshots[layer]) for layer in out.activations}
-            parts = clone_loss_terms(out.activations, targets)
+            parts = clone_loss_terms(out.activations, targets, scale=self.clone_scale)
             clone = torch.stack(list(parts.values())).sum()
             total = total + weights.clone * clone
             logged["loss/clone"] = clone.detach()

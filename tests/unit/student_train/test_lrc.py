@@ -1,4 +1,4 @@
-"""The LRC student: shapes, frozen teacher, clone targets, SVD init, and that it trains."""
+"""The LRC student: shapes, frozen teacher, clone targets and loss scales, and that it trains."""
 
 from __future__ import annotations
 
@@ -190,30 +190,16 @@ def test_clone_loss_is_summed_mse_over_shared_terms() -> None:
     assert clone_loss({}, targets).item() == 0.0
 
 
-def test_svd_init_is_orthonormal_and_keeps_a_low_rank_teacher_exactly() -> None:
-    teacher = tiny_teacher("qwen2")
-    rank = D_S // 2
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # rank-deficient embedding and q_proj: their row spaces fit in d_S dims
-        teacher.model.embed_tokens.weight.copy_(torch.randn(VOCAB, rank, generator=g) @ torch.randn(rank, D_T, generator=g))
-        q = teacher.model.layers[0].self_attn.q_proj.weight
-        q.copy_(torch.randn(q.shape[0], rank, generator=g) @ torch.randn(rank, D_T, generator=g))
-    student = LRCStudent(teacher, LRCSpec(hidden_size=D_S, init="svd"))
-    eye = torch.eye(D_S)
-    projections = [student.embed_proj, student.head_proj] + [layer.proj[m] for layer in student.layers for m in PROJECTED_LINEARS]
-    for p in projections:
-        torch.testing.assert_close(p.T @ p, eye, atol=1e-5, rtol=0)
-    # P P^T projects onto the top singular subspace, which contains the whole row space.
-    embed = teacher.model.embed_tokens.weight
-    p = student.embed_proj
-    torch.testing.assert_close(embed @ p @ p.T, embed, atol=1e-4, rtol=1e-4)
-    p = student.layers[0].proj["q"]
-    torch.testing.assert_close(q @ p @ p.T, q, atol=1e-4, rtol=1e-4)
-    # o/down use the output (left) space: P^T W keeps W's column space.
-    down = teacher.model.layers[1].mlp.down_proj.weight
-    p = student.layers[1].proj["down"]
-    u, s, _ = torch.linalg.svd(down)
-    torch.testing.assert_close((p @ p.T @ down).norm() ** 2, (s[:D_S] ** 2).sum(), rtol=1e-4, atol=1e-4)
+def test_relative_clone_scale_is_the_mean_relative_error_per_position() -> None:
+    g = torch.Generator().manual_seed(0)
+    acts = {0: {"gate": torch.randn(2, 3, 8, generator=g)}, 1: {"gate": torch.randn(2, 3, 8, generator=g, requires_grad=True)}}
+    targets = {0: {"gate": 10 * torch.randn(2, 3, 8, generator=g)}, 1: {"gate": 0.1 * torch.randn(2, 3, 8, generator=g)}}
+    expected = sum((((acts[i]["gate"] - targets[i]["gate"]) ** 2).sum(-1) / (targets[i]["gate"] ** 2).sum(-1)).mean() for i in (0, 1)) / 2
+    torch.testing.assert_close(clone_loss(acts, targets, scale="relative"), expected)
+    # A student that outputs nothing scores 1, whatever the teacher's scale.
+    silent = {i: {"gate": torch.zeros(2, 3, 8)} for i in (0, 1)}
+    assert clone_loss(silent, targets, scale="relative").item() == pytest.approx(1.0)
+    assert clone_loss(silent, targets, scale="absolute").item() > 50
 
 
 def test_an_lrc_student_trains_on_clone_and_cross_entropy() -> None:

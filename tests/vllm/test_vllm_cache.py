@@ -154,7 +154,7 @@ def test_job_array_task_resume_and_repair_with_vllm(tmp_path, both_caches, vllm_
     total = len(open_cache(by_vllm).manifest.global_shards())
     task = run(teacher, store, out, backend="vllm", shard_index=1, num_shards=2, **SNAPSHOTS)
     assert task.shards_written == total // 2
-    damaged = next((cf.shard_dir(out, "train", 1) / cf.ENTRIES).rglob("c/*"))
+    damaged = next(p for p in (cf.shard_dir(out, "train", 1) / cf.ENTRIES).rglob("c/**/*") if p.is_file())
     damaged.write_bytes(damaged.read_bytes()[:-3] + b"xyz")
     flags = ["--snapshot-layers", "all", "--snapshot-fraction", "0.25", "--snapshot-attention", "--sequences-per-shard", "8",
              "--sequences-per-chunk", "4", "--batch-size", "4"]  # fmt: skip

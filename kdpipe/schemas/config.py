@@ -140,9 +140,16 @@ def from_dict(cls: type[C], data: Mapping[str, Any], *, where: str = "config") -
 def load_config_file(path: Path, section: str | None = None) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml) or TOML (.toml) config; take `section` if the file has one."""
     path = Path(path)
+    if path.is_dir():
+        raise KdpipeError(f"config file {path} is a directory; pass the YAML or TOML file inside it")
     if not path.is_file():
         raise KdpipeError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise KdpipeError(f"config file {path} is not UTF-8 text (byte {err.start}); save it as UTF-8 YAML or TOML") from None
+    except OSError as err:
+        raise KdpipeError(f"config file {path} cannot be read ({err.strerror}); check its permissions") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)

@@ -90,6 +90,12 @@ def test_bad_config_files(tmp_path):
     (tmp_path / "broken.toml").write_text("out = \n")
     with pytest.raises(KdpipeError, match="is not valid TOML"):
         resolve(Sample, config_file=tmp_path / "broken.toml", flags={}, section="s")
+    (tmp_path / "latin1.yaml").write_bytes("out: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(KdpipeError, match="is not UTF-8 text"):
+        resolve(Sample, config_file=tmp_path / "latin1.yaml", flags={}, section="s")
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(KdpipeError, match="is a directory"):
+        resolve(Sample, config_file=tmp_path / "dir.yaml", flags={}, section="s")
 
 
 def test_write_resolved_round_trips_and_hash_is_stable(tmp_path):

@@ -4,15 +4,14 @@ export-student) on a tiny teacher, then vLLM's greedy tokens equal transformers'
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kdpipe.cli import main
 from kdpipe.teacher_cache.vllm_backend import import_vllm
+from tests.integration.test_train_cli import in_process  # the CLI's main() in this process
 
 pytestmark = pytest.mark.vllm
 
@@ -21,15 +20,8 @@ NEW_TOKENS = 8
 
 
 def kdpipe(*args: object) -> None:
-    """The real CLI entry point in this process."""
-    sys_argv = sys.argv
-    sys.argv = ["kdpipe", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-    finally:
-        sys.argv = sys_argv
-    assert exit_info.value.code == 0
+    """The real CLI entry point in this process; it must succeed."""
+    assert in_process(*args) == 0
 
 
 @pytest.fixture(scope="module")

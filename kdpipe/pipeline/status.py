@@ -22,7 +22,7 @@ from kdpipe.schemas.errors import KdpipeError
 from kdpipe.student_train.checkpoint import latest_checkpoint
 from kdpipe.student_train.run import RUN_MANIFEST, read_run_manifest
 from kdpipe.student_train.trainer import METRICS_FILE
-from kdpipe.teacher_cache import open_cache, verify_cache
+from kdpipe.teacher_cache import scan_cache, verify_cache
 
 _TAIL_BYTES = 1 << 16  # enough for the last metrics line
 
@@ -34,7 +34,8 @@ class CacheStatus(NamedTuple):
     num_shards: int
     complete: list[str]
     missing: list[str]  # not complete: not started, being written, or interrupted
-    bad: list[str] | None  # "name (reason)" of complete shards failing their checksums; None when not verified
+    bad: list[str]  # "name (reason)" of complete shards that are damaged
+    checksums: bool  # whether `bad` read every file's checksum, or only sizes
 
     def problem(self) -> str | None:
         """Why the cache is not ready for training, or None."""
@@ -51,7 +52,7 @@ class CacheStatus(NamedTuple):
         )
 
     def text(self) -> str:
-        bad = "not checked (use --verify)" if self.bad is None else str(len(self.bad))
+        bad = str(len(self.bad)) if self.checksums else f"{len(self.bad)} (file sizes checked; checksums with --verify)"
         lines = [f"cache {self.path}: {self.num_shards} shards: {len(self.complete)} complete, {len(self.missing)} missing, bad: {bad}"]
         if self.missing:
             lines.append(f"  missing: {_names(self.missing, limit=20)}")
@@ -106,24 +107,19 @@ def status(path: Path, *, verify: bool = False) -> CacheStatus | RunStatus:
 
 
 def cache_status(path: Path, *, verify: bool = False) -> CacheStatus:
-    """Complete and missing shards from the completion records; bad ones too when `verify` (reads every byte)."""
-    if verify:
-        report = verify_cache(path)
-        return CacheStatus(
-            path=Path(path),
-            num_shards=len(report.shards),
-            complete=[v.name for v in report.shards if v.status == "ok"],
-            missing=[v.name for v in report.shards if v.status in ("missing", "partial")],
-            bad=[f"{v.name} ({v.reason})" for v in report.bad],
-        )
-    cache = open_cache(path)
-    shards = [info for split in cache.splits for info in cache.shards(split)]
+    """Complete, missing and damaged shards.
+
+    Always cheap checks from the completion records (every listed file present, with its
+    recorded size); with `verify` every file's checksum too (reads every byte).
+    """
+    report = verify_cache(path) if verify else scan_cache(path)
     return CacheStatus(
         path=Path(path),
-        num_shards=len(shards),
-        complete=[f"{s.split}/{s.index:05d}" for s in shards if s.complete],
-        missing=[f"{s.split}/{s.index:05d}" for s in shards if not s.complete],
-        bad=None,
+        num_shards=len(report.shards),
+        complete=[v.name for v in report.shards if v.status == "ok"],
+        missing=[v.name for v in report.shards if v.status in ("missing", "partial")],
+        bad=[f"{v.name} ({v.reason})" for v in report.bad],
+        checksums=verify,
     )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kdpipe.schemas.config import from_dict, to_dict
-from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.errors import KdpipeError, describe_json_error
 
 FORMAT_NAME = "kdpipe.teacher_cache"
 # Schema 2 (this writer): `entries` is (E, bytes_per_entry) uint8, stored byte-plane-major per
@@ -182,7 +182,7 @@ class CacheManifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise KdpipeError(f"{where} is not valid JSON ({err.msg}); the cache is damaged, rebuild it") from None
+            raise KdpipeError(f"{where} is not valid JSON ({describe_json_error(err)}); the cache is damaged, rebuild it") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise KdpipeError(f"{where} is not a kdpipe teacher-cache manifest; point to a directory written by `kdpipe cache-teacher`")
         version = data.get("schema_version")
@@ -229,6 +229,9 @@ class ShardRecord:
     num_entries: int  # sparse entries in the shard (records in `entries`)
     covered_mass_sum: float  # sum over positions of the teacher mass of the stored ids
     files: dict[str, str]  # path relative to the shard dir -> crc32c of its bytes, 8 hex digits
+    # path -> size in bytes, so a cheap scan (inspect, status) sees a truncated file without reading it;
+    # None in records written before sizes were recorded (then only existence and non-emptiness are checked)
+    sizes: dict[str, int] | None = None
 
     def to_json(self) -> str:
         """Canonical text (sorted keys): the same shard content gives the same bytes."""
@@ -240,7 +243,7 @@ class ShardRecord:
         try:
             data: Any = json.loads(text)
         except json.JSONDecodeError as err:
-            raise KdpipeError(f"{where} is not valid JSON ({err.msg}); run `kdpipe verify` and redo the shard") from None
+            raise KdpipeError(f"{where} is not valid JSON ({describe_json_error(err)}); run `kdpipe verify` and redo the shard") from None
         if not isinstance(data, dict):
             raise KdpipeError(f"{where} is not a shard completion record; run `kdpipe verify` and redo the shard")
         return from_dict(cls, data, where=where)

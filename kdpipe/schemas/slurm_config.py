@@ -26,6 +26,20 @@ _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
 
 
+def time_limit_seconds(time: str) -> int:
+    """Seconds in a Slurm time limit (already matched by `_TIME`), read as sbatch reads it.
+
+    Without a day part: M, M:S or H:M:S. With one: D-H, D-H:M or D-H:M:S.
+    """
+    days, _, clock = time.rpartition("-")
+    parts = [int(part) for part in clock.split(":")]
+    if days:
+        hours, minutes, seconds = (parts + [0, 0])[:3]
+    else:
+        hours, minutes, seconds = {1: [0, parts[0], 0], 2: [0, *parts], 3: parts}[len(parts)]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
 @dataclass(kw_only=True, slots=True)
 class SlurmJobConfig:
     """Options every kdpipe Slurm job has."""
@@ -107,6 +121,12 @@ class SlurmTrainConfig(SlurmJobConfig):
             raise KdpipeError(f"slurm option procs_per_node={self.procs_per_node} must be >= 1")
         if self.signal_seconds < 1:
             raise KdpipeError(f"slurm option signal_seconds={self.signal_seconds} must be >= 1")
+        if self.time is not None and self.signal_seconds >= (limit := time_limit_seconds(self.time)):
+            raise KdpipeError(
+                f"slurm option signal_seconds={self.signal_seconds} is not shorter than time={self.time!r} "
+                f"({limit} s): the job would be signalled at once and requeue forever; give a longer --time "
+                "or a smaller --signal-seconds"
+            )
 
     @property
     def nproc_per_node(self) -> int:

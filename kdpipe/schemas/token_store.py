@@ -42,7 +42,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from kdpipe.schemas.checksums import file_crc32c
-from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.errors import KdpipeError, describe_json_error
 
 FORMAT = "kdpipe.token_store"
 SCHEMA_VERSION = 1
@@ -266,8 +266,10 @@ class TokenStore:
             raise KdpipeError(f"{path} is not a complete kdpipe token store (no manifest.json); {rebuild}")
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise KdpipeError(f"{manifest_path} is not valid JSON ({err}); {rebuild}") from None
+        except json.JSONDecodeError as err:
+            raise KdpipeError(f"{manifest_path} is not valid JSON ({describe_json_error(err)}); {rebuild}") from None
+        except UnicodeDecodeError:
+            raise KdpipeError(f"{manifest_path} is not UTF-8 text; {rebuild}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise KdpipeError(f"{path} is not a kdpipe token store (manifest format is not '{FORMAT}')")
         version = manifest.get("schema_version")

@@ -9,7 +9,7 @@ so reading or verifying a cache does not pay for importing transformers.
 
 from typing import Any
 
-from kdpipe.teacher_cache.inspect import cache_stats, verify_cache
+from kdpipe.teacher_cache.inspect import cache_stats, scan_cache, verify_cache
 from kdpipe.teacher_cache.reader import CachedBatch, CacheShard, ShardInfo, TeacherCache, open_cache
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "TeacherModel",
     "cache_stats",
     "open_cache",
+    "scan_cache",
     "verify_cache",
 ]
 

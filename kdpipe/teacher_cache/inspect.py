@@ -102,8 +102,8 @@ def _tmp_dirs(cache_dir: Path, split: str, index: int) -> list[Path]:
 def shard_problem(directory: Path, manifest: CacheManifest, split: str, index: int, *, checksums: bool) -> str | None:
     """Why a shard with a completion record is not what its writer wrote, or None.
 
-    Without `checksums` only the directory listing is read (a missing, empty or unlisted
-    file); with them every file's crc32c is compared too.
+    Without `checksums` only the directory listing is read (a missing, empty, unlisted or
+    resized file); with them every file's crc32c is compared too.
     """
     record_path = directory / cf.COMPLETE_FILE
     try:
@@ -116,8 +116,11 @@ def shard_problem(directory: Path, manifest: CacheManifest, split: str, index: i
     for name in sorted(record.files):
         if name not in on_disk:
             return f"file {name} is missing"
-        if (directory / name).stat().st_size == 0:  # zarr never writes an empty file: a torn write
+        size = (directory / name).stat().st_size
+        if size == 0:  # zarr never writes an empty file: a torn write
             return f"file {name} is empty"
+        if record.sizes is not None and size != record.sizes.get(name):
+            return f"file {name} has {size} bytes, {record.sizes.get(name)} were written"
         if checksums and file_crc32c(directory / name) != record.files[name]:
             return f"file {name} fails its checksum"
     unexpected = sorted(on_disk - record.files.keys())

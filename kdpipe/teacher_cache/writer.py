@@ -245,7 +245,8 @@ class ShardWriter:
             num_positions=self.num_sequences * self.manifest.token_store.seq_len,
             num_entries=int(offsets[-1]),
             covered_mass_sum=self._mass_fixed / _MASS_SCALE,
-            files=file_checksums(self.tmp_dir, exclude={cf.COMPLETE_FILE}),
+            files=(files := file_checksums(self.tmp_dir, exclude={cf.COMPLETE_FILE})),
+            sizes={name: (self.tmp_dir / name).stat().st_size for name in files},
         )
         (self.tmp_dir / cf.COMPLETE_FILE).write_text(record.to_json(), encoding="utf-8")
         self._closed = True

@@ -269,6 +269,33 @@ def inspect_emptied_data_file(ws: Workspace) -> Scenario:
     return Scenario(["inspect", cache], ("train/00000", "damaged", "is empty"))
 
 
+def inspect_truncated_data_file(ws: Workspace) -> Scenario:
+    cache = ws.copy(ws.art.cache, "cache")
+    truncate(cf.shard_dir(cache, "train", 0) / "entries" / "c" / "0" / "0")
+    return Scenario(["inspect", cache], ("train/00000", "damaged", "entries/c/0/0 has", "were written", "--repair"))
+
+
+def status_check_truncated_data_file(ws: Workspace) -> Scenario:
+    cache = ws.copy(ws.art.cache, "cache")
+    truncate(cf.shard_dir(cache, "val", 0) / "tokens" / "c" / "0" / "0")
+    return Scenario(["status", cache, "--check"], ("val/00000", "tokens/c/0/0 has", "were written"))
+
+
+def inspect_manifest_cut_off(ws: Workspace) -> Scenario:
+    cache = ws.copy(ws.art.cache, "cache")
+    truncate(cache / cf.MANIFEST_FILE, keep=0.3)
+    return Scenario(["inspect", cache], (cache / cf.MANIFEST_FILE, "not valid JSON", "ends early", "truncated"))
+
+
+# ---------------------------------------------------------------- slurm
+
+
+def slurm_signal_not_before_time_limit(ws: Workspace) -> Scenario:
+    args = ["slurm", "train-student", "--procs-per-node", "1", "--time", "0:10:00", "--signal-seconds", "3600", "--",
+            "--cache", ws.art.cache, "--out", ws.tmp / "run"]  # fmt: skip
+    return Scenario(args, ("signal_seconds=3600", "time='0:10:00'", "600 s", "requeue"), (ws.tmp / "run",))
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -338,6 +365,10 @@ CASES: dict[str, Callable[[Workspace], Scenario]] = {
         verify_not_a_cache,
         inspect_deleted_data_file,
         inspect_emptied_data_file,
+        inspect_truncated_data_file,
+        status_check_truncated_data_file,
+        inspect_manifest_cut_off,
+        slurm_signal_not_before_time_limit,
         report_out_is_a_file,
         report_read_only_out,
         report_binary_metrics,
@@ -442,3 +473,14 @@ def test_verify_a_good_token_store(art: Artifacts) -> None:
     assert result.returncode == 0, result.stderr
     num_files = len(json.loads((art.store / "manifest.json").read_text(encoding="utf-8"))["files"])
     assert f"token store {art.store}: {num_files} files ok" in " ".join(result.stdout.split())
+
+
+def test_shard_records_without_sizes_still_open(ws: Workspace) -> None:
+    cache = ws.copy(ws.art.cache, "cache")
+    for record_path in cache.rglob(cf.COMPLETE_FILE):  # as written before sizes were recorded
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        del record["sizes"]
+        record_path.write_text(json.dumps(record, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+    result = kdpipe("inspect", cache)
+    assert result.returncode == 0, result.stderr
+    assert kdpipe("verify", cache).returncode == 0

@@ -48,25 +48,25 @@ def test_complete_cache(cache):
         result = status(cache, verify=verify)
         assert isinstance(result, CacheStatus)
         assert (result.num_shards, result.complete, result.missing) == (4, ALL_SHARDS, [])
-        assert result.bad == ([] if verify else None)
+        assert result.bad == []
         assert result.problem() is None
-    assert status(cache).text() == f"cache {cache}: 4 shards: 4 complete, 0 missing, bad: not checked (use --verify)"
+    assert status(cache).text() == f"cache {cache}: 4 shards: 4 complete, 0 missing, bad: 0 (file sizes checked; checksums with --verify)"
     assert status(cache, verify=True).text() == f"cache {cache}: 4 shards: 4 complete, 0 missing, bad: 0"
 
 
 def test_missing_and_interrupted_shards_without_verify(cache):
     damage(cache)
     result = cache_status(cache)
-    # Without --verify only completion records are read: the flipped chunk goes unnoticed.
+    # Without --verify only completion records and file sizes are read: the flipped chunk goes unnoticed.
     assert result.complete == ["train/00000", "train/00002"]
     assert result.missing == ["train/00001", "val/00000"]
-    assert result.bad is None
+    assert result.bad == []
     assert result.problem() == (
         f"cache {cache} is not complete: 2 missing (train/00001, val/00000) of 4 shards; "
         "re-run cache-teacher (or re-submit the array) to finish it, with --repair for bad shards"
     )
     assert result.text().splitlines() == [
-        f"cache {cache}: 4 shards: 2 complete, 2 missing, bad: not checked (use --verify)",
+        f"cache {cache}: 4 shards: 2 complete, 2 missing, bad: 0 (file sizes checked; checksums with --verify)",
         "  missing: train/00001, val/00000",
     ]
 

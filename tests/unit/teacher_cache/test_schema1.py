@@ -2,7 +2,7 @@
 
 The schema-1 shards are made here the way the schema-1 writer made them: a cache is written
 by today's writer, then each shard's `entries` array is replaced by the flat packed records
-of the absolute ids (zstd level 3, 1 MiB chunks), its `complete.json` checksums are redone
+of the absolute ids (zstd level 3, 1 MiB chunks), its `complete.json` checksums are redone (without sizes)
 and the manifest says schema 1.
 """
 
@@ -40,7 +40,7 @@ def rewrite_as_schema_1(cache_dir, m: CacheManifest, contents) -> CacheManifest:
         )[:] = records  # fmt: skip
         path = directory / cf.COMPLETE_FILE
         record = ShardRecord.from_json(path.read_text(encoding="utf-8"), where=str(path))
-        path.write_text(dataclasses.replace(record, files=file_checksums(directory, exclude={cf.COMPLETE_FILE})).to_json(), encoding="utf-8")
+        path.write_text(dataclasses.replace(record, files=file_checksums(directory, exclude={cf.COMPLETE_FILE}), sizes=None).to_json(), encoding="utf-8")
     return old
 
 

@@ -7,7 +7,9 @@ or after a half-made directory already blocks the corrected re-run.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 
 from kdpipe.schemas.errors import KdpipeError
@@ -29,3 +31,17 @@ def check_writable_dir(path: Path, flag: str, *, beside: bool = False) -> None:
         raise KdpipeError(
             f"{flag} {path}: cannot write into {existing} (permissions or a read-only file system); choose a writable {flag}"
         )
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """A full disk or quota: an `OSError`, or a library error wrapping one (safetensors says `os error 28`)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(err)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or would: its nearest existing parent)."""
+    path = Path(path).absolute()
+    return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free

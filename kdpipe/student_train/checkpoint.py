@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.out_dir import free_bytes, is_disk_full
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_FILE = "model.safetensors"
@@ -173,8 +174,13 @@ def save_checkpoint(
         for name in (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_STATE_FILE):
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(err):
+            raise KdpipeError(
+                f"out of disk space (or quota) writing the step-{step} checkpoint in {checkpoints}: "
+                f"{free_bytes(checkpoints):,} bytes free; earlier checkpoints are kept: free space and re-run with --resume"
+            ) from None
         raise
     final = checkpoints / checkpoint_name(step)
     if final.exists():

@@ -327,6 +327,18 @@ class StudentLoader:
             self._next_step = batch.step + 1
             yield batch
 
+    def close(self) -> None:
+        """Stop the worker processes now (iterating again starts new ones).
+
+        A run that ends in an error keeps its frames, and so this loader, alive in the
+        traceback; the workers have the stop signals blocked (see `Trainer._next_batches`), so
+        the interpreter's exit, which terminates them with SIGTERM and joins them, would hang.
+        """
+        iterator = self._loader._iterator  # DataLoader keeps the iterator of persistent workers here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader._iterator = None
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position of the loader and what it depends on."""
         d = self.dataset

@@ -62,9 +62,14 @@ def train_student(config: TrainStudentConfig, *, callbacks: Sequence[Callback] =
     """Train (or continue) the run of `config`; under torchrun, one call per rank."""
     joined = torch.distributed.is_initialized()  # a group the caller made is the caller's to end
     ctx = init_distributed(config.device)
+    loader = None
     try:
-        return build_trainer(config, ctx, callbacks=callbacks).fit()
+        trainer = build_trainer(config, ctx, callbacks=callbacks)
+        loader = trainer.loader
+        return trainer.fit()
     finally:
+        if isinstance(loader, StudentLoader):
+            loader.close()
         if not joined:
             shutdown_distributed()
 

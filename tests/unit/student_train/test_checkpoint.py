@@ -146,3 +146,32 @@ def test_same_step_saved_twice_keeps_the_complete_one(tmp_path):
     assert first == second
     assert load_checkpoint(first).trainer_state["marker"] == "first"
     assert [p.name for p in (tmp_path / CHECKPOINTS_DIR).iterdir()] == ["step-00000004"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OSError(28, "No space left on device"), RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")],
+    ids=["oserror", "safetensors"],
+)
+def test_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch, error):
+    model, opt = _trained_state()
+    kept = _save(tmp_path, 2, model, opt)
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("kdpipe.student_train.checkpoint.save_file", full)
+    with pytest.raises(KdpipeError, match="out of disk space .* step-4 checkpoint .* bytes free; earlier checkpoints are kept"):
+        _save(tmp_path, 4, model, opt)
+    assert sorted(p.name for p in (tmp_path / CHECKPOINTS_DIR).iterdir()) == [kept.name]  # no tmp dir left
+
+
+def test_a_genuine_error_while_saving_is_not_hidden(tmp_path, monkeypatch):
+    model, opt = _trained_state()
+
+    def bug(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr("kdpipe.student_train.checkpoint.save_file", bug)
+    with pytest.raises(TypeError, match="a bug"):
+        _save(tmp_path, 4, model, opt)

@@ -27,7 +27,7 @@ from kdpipe.schemas.cache_format import (
     CacheManifest, EntryFormat, LayoutInfo, SamplerInfo, SnapshotInfo, TeacherInfo, TokenStoreInfo,
 )  # fmt: skip
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.schemas.out_dir import check_writable_dir
+from kdpipe.schemas.out_dir import check_writable_dir, free_bytes
 from kdpipe.schemas.token_store import TokenStore
 from kdpipe.schemas.tokenizer import load_tokenizer, tokenizer_fingerprint
 from kdpipe.teacher_cache.backend import TeacherModel, check_tokenizer_compat
@@ -131,6 +131,12 @@ class CachePlan:
             f"  total      ~{_size(bytes_per_token * all_tokens)} for {all_tokens:,} tokens; "
             f"this task ~{_size(bytes_per_token * task_tokens)} for {task_tokens:,} tokens",
         ]
+        free, task_bytes = free_bytes(c.out), bytes_per_token * task_tokens
+        disk = f"  disk       {_size(free)} free where {c.out} is"
+        if free < task_bytes:
+            # The estimate is before compression (logits shrink ~1.5-2x with zstd): a warning, not a refusal.
+            disk += ": less than this task's estimate before compression; free space if the run stops on a full disk"
+        lines.append(disk)
         if self.config.repair and self.out_state == "resume":
             if self.repairs:
                 shown = ", ".join(f"{shard.name} ({why})" for shard, why in self.repairs[:5]) + (", ..." if len(self.repairs) > 5 else "")

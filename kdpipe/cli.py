@@ -298,7 +298,7 @@ def train_student_command(config: TrainStudentConfig) -> None:
 @config_command(app, "export-student", ExportConfig, arguments={"run": "RUN"}, config_file=False)
 def export_student_command(config: ExportConfig) -> None:
     """Export a trained student as a standard Hugging Face model directory with the teacher's tokenizer."""
-    from kdpipe.student_train.run import export_run
+    from kdpipe.student_train.export import export_run
 
     path = export_run(config.run, config.out, dtype=config.dtype)
     print(f"Exported {config.run} to {path}: load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")

@@ -50,7 +50,8 @@ from kdpipe.schemas.errors import KdpipeError
 from kdpipe.schemas.prepare_config import PrepareDataConfig
 from kdpipe.schemas.tokenizer import load_tokenizer
 from kdpipe.schemas.train_config import TrainStudentConfig
-from kdpipe.student_train.run import RUN_MANIFEST, train_student
+from kdpipe.student_train.run import train_student
+from kdpipe.student_train.run_dir import RUN_MANIFEST
 from kdpipe.teacher_cache.inspect import CacheStats, cache_stats
 from kdpipe.teacher_cache.run import cache_teacher
 

@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 from kdpipe.schemas.cache_format import MANIFEST_FILE
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.student_train.checkpoint import latest_checkpoint
-from kdpipe.student_train.run import RUN_MANIFEST, read_run_manifest
-from kdpipe.student_train.trainer import METRICS_FILE
+from kdpipe.student_train.run_dir import RUN_MANIFEST, read_run_manifest
+from kdpipe.student_train.callbacks import METRICS_FILE
 from kdpipe.teacher_cache import open_cache, verify_cache
 
 _TAIL_BYTES = 1 << 16  # enough for the last metrics line

@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdpipe.student_train import checkpoint as ckpt
-from kdpipe.student_train.trainer import METRICS_FILE, MetricsLog
+from kdpipe.student_train.callbacks import METRICS_FILE, MetricsLog
 from tests.integration.test_train_cli import REPO, train_args, work  # noqa: F401  (work: fixture)
 
 STEPS = 7

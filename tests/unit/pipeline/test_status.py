@@ -19,8 +19,8 @@ from kdpipe.pipeline.status import CacheStatus, RunStatus, cache_status, run_sta
 from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.student_train.checkpoint import CHECKPOINTS_DIR, save_checkpoint
-from kdpipe.student_train.run import RUN_FORMAT, RUN_MANIFEST
-from kdpipe.student_train.trainer import METRICS_FILE
+from kdpipe.student_train.run_dir import RUN_FORMAT, RUN_MANIFEST
+from kdpipe.student_train.callbacks import METRICS_FILE
 from tests.unit.teacher_cache.test_store import make_manifest, write_cache
 
 ALL_SHARDS = ["train/00000", "train/00001", "train/00002", "val/00000"]  # make_manifest: 20 train + 5 val, 8 per shard

@@ -25,7 +25,9 @@ from kdpipe.student_train.checkpoint import OPTIMIZER_FILE, latest_checkpoint
 from kdpipe.student_train.loader import StudentLoader
 from kdpipe.student_train.lrc import LRCStudent
 from kdpipe.student_train.run import train_student
-from kdpipe.student_train.trainer import METRICS_FILE, Callback, LossWeights, StudentLoss, Trainer
+from kdpipe.student_train.callbacks import METRICS_FILE, Callback
+from kdpipe.student_train.student_loss import LossWeights, StudentLoss
+from kdpipe.student_train.trainer import Trainer
 from kdpipe.teacher_cache import open_cache
 from kdpipe.teacher_cache.run import cache_teacher
 

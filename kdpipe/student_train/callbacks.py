@@ -3,11 +3,15 @@
 `Callback` is what the loop calls; `MetricsLog` writes metrics.jsonl (its length is
 checkpointed, so a resumed run drops the lines logged after its checkpoint); `ProgressBar`
 shows the step, the latest loss and eval results on stderr.
+
+Every metrics line is strict JSON: a value that is not a finite number (the loss of a
+diverged step, an infinite gradient norm) is written as null.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,11 +53,22 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = (json.dumps(record, allow_nan=False) + "\n").encode()
+        line = (json.dumps(finite_or_null(record), allow_nan=False) + "\n").encode()
         with open(self.path, "ab") as handle:
             handle.write(line)
         self.offset += len(line)
 
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in dicts and lists too) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 class ProgressBar(Callback):
@@ -98,5 +113,6 @@ class ProgressBar(Callback):
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self._progress is not None:
+            self._progress.live.transient = trainer.failed  # the error's one line is all that stays on stderr
             self._progress.stop()
             self._progress = None

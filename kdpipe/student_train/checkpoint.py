@@ -12,7 +12,9 @@ which is then renamed to `step-{step}`. The rename is the completion marker: a d
 named `step-*` is complete by construction, and a crash at any point leaves either the
 complete checkpoint or a `.tmp-*` directory that readers ignore and the next save removes.
 Old checkpoints are removed only after the new one is in place, so the latest complete
-checkpoint always survives. A crash after the last save's rename leaves what that save had
+checkpoint always survives. A checkpoint a diverged step started from is renamed
+`diverged-step-*` (see `set_aside_checkpoint`) and is no longer a checkpoint of the run.
+A crash after the last save's rename leaves what that save had
 yet to remove (one checkpoint too many, a `.tmp-*` leftover): a resumed run removes it with
 `prune_checkpoints` even when it has no step left to train and so never saves. One writer
 per run directory (rank 0 of the job) is assumed: under FSDP the caller gathers full state
@@ -44,6 +46,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 
 _COMPLETE_NAME = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-"
+DIVERGED_PREFIX = "diverged-"
 
 
 class Checkpoint(NamedTuple):
@@ -137,6 +140,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None; temporary and partial directories are ignored."""
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def set_aside_checkpoint(run_dir: Path, step: int) -> Path | None:
+    """Rename the complete checkpoint of `step`, if any, to `diverged-step-*`: kept to look at, never resumed from.
+
+    Readers and `prune_checkpoints` see only `step-*` directories, so the run continues from
+    the checkpoint before it. An earlier set-aside copy of the same step is replaced.
+    """
+    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
+    victim = checkpoints / checkpoint_name(step)
+    if not victim.is_dir():
+        return None
+    target = checkpoints / f"{DIVERGED_PREFIX}{victim.name}"
+    if target.exists():
+        _remove_tree(checkpoints, target)
+    os.rename(victim, target)
+    _fsync_dir(checkpoints)
+    return target
 
 
 def save_checkpoint(

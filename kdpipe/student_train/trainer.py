@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.student_train.callbacks import METRICS_FILE, Callback, MetricsLog
-from kdpipe.student_train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from kdpipe.student_train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    set_aside_checkpoint,
+)
 from kdpipe.student_train.loader import StudentBatch
 from kdpipe.student_train.losses import SparseTargetBatch
 from kdpipe.student_train.parallelize import DistContext, full_state, gradient_sync, grad_norm_value, load_full_state
@@ -149,6 +155,7 @@ class Trainer:
         self.last_train: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] | None = None
         self._stop_signal: str | None = None
+        self.failed = False  # set when `fit` ends by an exception (the callbacks' `on_train_end` can tell)
         self._clock = _Clock()
         self._params = [p for p in module.parameters() if p.requires_grad]
 
@@ -184,9 +191,12 @@ class Trainer:
             while self.step < self.total_steps:
                 local = self._train_step(self._next_batches(batches))
                 self.step += 1
-                if self.step % self.options.log_every == 0 or self.step == self.total_steps:
+                diverged = self._diverged(local)
+                if diverged or self.step % self.options.log_every == 0 or self.step == self.total_steps:
                     self.last_train = self._train_record(local)
                     self.log(self.last_train)
+                if diverged:
+                    raise self._divergence_error()
                 for callback in self.callbacks:
                     callback.on_step_end(self)
                 if self._stop_agreed() and self.step < self.total_steps:
@@ -195,6 +205,9 @@ class Trainer:
                 if self.step % self.options.checkpoint_every == 0 or self.step == self.total_steps:
                     self.save()
             return self._summary(preempted=False)
+        except BaseException:
+            self.failed = True
+            raise
         finally:
             for callback in self.callbacks:
                 callback.on_train_end(self)
@@ -258,12 +271,35 @@ class Trainer:
         record["lr"] = self.schedules.lr.value(step)
         record.update({f"w_{name}": value for name, value in self.schedules.weights(step)._asdict().items()})
         record["tokens_per_s"] = tokens_per_s
-        if not math.isfinite(record["loss"]):
-            raise KdpipeError(
-                f"training diverged: loss {record['loss']} at step {self.step}; start a new run with a lower --lr, "
-                "a longer --warmup-steps or a tighter --grad-clip"
-            )
         return record
+
+    def _diverged(self, local: dict[str, Tensor]) -> bool:
+        """Whether a loss term or the gradient norm of the step just taken is not finite on any rank."""
+        values = torch.stack([value.to(self.ctx.device).reshape(()) for value in local.values()])
+        flag = (~torch.isfinite(values)).any().float().reshape(1)
+        return bool(self.ctx.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item())
+
+    def _divergence_error(self) -> KdpipeError:
+        """The error that ends a diverged run, after setting aside the checkpoint the diverged step started from.
+
+        Its weights gave the non-finite loss or gradient, on the same batch whatever the
+        learning rate, so a resume from it would diverge again; earlier checkpoints are kept.
+        Nothing is saved of the diverged state.
+        """
+        if self.ctx.is_main:
+            set_aside_checkpoint(self.run_dir, self.step - 1)
+        self.ctx.barrier()
+        kept = latest_checkpoint(self.run_dir)
+        where = (
+            f"the last good checkpoint is {kept.name}: continue from it" if kept is not None
+            else "no checkpoint precedes it: start again from step 0"
+        )
+        record = self.last_train or {}
+        values = ", ".join(f"{name.replace('_', ' ')} {record[name]}" for name in ("loss", "grad_norm") if name in record)
+        return KdpipeError(
+            f"training diverged at step {self.step} ({values}); "
+            f"{where} with --resume and a lower --lr, a longer --warmup-steps or a tighter --grad-clip"
+        )
 
     def _stop_agreed(self) -> bool:
         """Whether any rank was signalled (every rank must stop at the same step)."""

@@ -36,6 +36,11 @@ from rich.console import Console
 
 from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.cache_config import CacheTeacherConfig
+from kdpipe.schemas.train_config import TrainStudentConfig
+from kdpipe.student_train.callbacks import Callback
+from kdpipe.student_train.checkpoint import latest_checkpoint
+from kdpipe.student_train.run import train_student
+from kdpipe.student_train.trainer import Trainer
 from kdpipe.teacher_cache.run import cache_teacher
 from tests.unit.teacher_cache.test_run import build_token_store
 
@@ -311,6 +316,12 @@ def train_not_a_cache(ws: Workspace) -> Scenario:
     return Scenario(["train-student", "--cache", ws.art.store, "--out", out, "--steps", "1", "--hidden-size", "32"], (ws.art.store,), (out,))
 
 
+def train_infinite_lr(ws: Workspace) -> Scenario:
+    out = ws.tmp / "run"
+    args = ["train-student", "--cache", ws.art.cache, "--out", out, "--steps", "1", "--hidden-size", "32", "--lr", "inf"]
+    return Scenario(args, ("lr=inf", "finite"), (out,))
+
+
 CASES: dict[str, Callable[[Workspace], Scenario]] = {
     case.__name__: case
     for case in (
@@ -344,6 +355,7 @@ CASES: dict[str, Callable[[Workspace], Scenario]] = {
         report_non_numeric_metrics,
         report_not_a_run,
         train_not_a_cache,
+        train_infinite_lr,
     )
 }
 
@@ -442,3 +454,45 @@ def test_verify_a_good_token_store(art: Artifacts) -> None:
     assert result.returncode == 0, result.stderr
     num_files = len(json.loads((art.store / "manifest.json").read_text(encoding="utf-8"))["files"])
     assert f"token store {art.store}: {num_files} files ok" in " ".join(result.stdout.split())
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(token: str) -> None:
+        raise AssertionError(f"metrics line holds {token}, which is not JSON: {line}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_divergence_is_one_line_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_lr(ws: Workspace) -> None:
+    run = ws.tmp / "run"
+    base = ["train-student", "--cache", ws.art.cache, "--out", run, "--steps", "8", "--hidden-size", "32", "--num-workers", "0", "--lrc-init", "random", "--log-every", "1"]
+
+    class StopAt(Callback):  # what SIGTERM does, at a known step
+        def on_step_end(self, trainer: Trainer) -> None:
+            if trainer.step == 2:
+                trainer.request_stop("the test")
+
+    config = TrainStudentConfig(cache=ws.art.cache, out=run, steps=8, hidden_size=32, num_workers=0, lrc_init="random", log_every=1)
+    assert train_student(config, callbacks=[StopAt()]).preempted
+    assert latest_checkpoint(run).name == "step-00000002"
+
+    diverged = kdpipe(*base, "--resume", "--lr", "1e30", "--grad-clip", "0", "--checkpoint-every", "1")
+    assert diverged.returncode == 2, diverged.stderr
+    assert "Traceback" not in diverged.stderr, diverged.stderr
+    lines = diverged.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training diverged at step" in lines[0], diverged.stderr
+    records = [_strict_json(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    last = records[-1]
+    assert last["type"] == "train" and (last["loss"] is None or last["grad_norm"] is None), last
+    step = last["step"]
+    # The checkpoint the diverged step started from is set aside; the one before it is the run's latest.
+    kept = latest_checkpoint(run)
+    assert kept is not None and kept.name in lines[0] and int(kept.name.split("-")[1]) < step - 1
+    assert not (run / "checkpoints" / f"step-{step - 1:08d}").exists()
+
+    assert kdpipe(*base, "--resume").returncode == 0
+    records = [_strict_json(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all(r["loss"] is not None and r["grad_norm"] is not None for r in train)
+    assert latest_checkpoint(run).name == "step-00000008"

@@ -48,10 +48,10 @@ from kdpipe.schemas.config import to_dict
 from kdpipe.schemas.demo_config import RESUMABLE_CHANGES, DemoConfig
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.schemas.prepare_config import PrepareDataConfig
+from kdpipe.schemas.run_dir import RUN_MANIFEST
 from kdpipe.schemas.tokenizer import load_tokenizer
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.run import train_student
-from kdpipe.student_train.run_dir import RUN_MANIFEST
 from kdpipe.teacher_cache.inspect import CacheStats, cache_stats
 from kdpipe.teacher_cache.run import cache_teacher
 

@@ -3,26 +3,21 @@
 `Callback` is what the loop calls; `MetricsLog` writes metrics.jsonl (its length is
 checkpointed, so a resumed run drops the lines logged after its checkpoint); `ProgressBar`
 shows the step, the latest loss and eval results on stderr.
-
-Every metrics line is strict JSON: a value that is not a finite number (the loss of a
-diverged step, an infinite gradient norm) is written as null.
+The record format is in `kdpipe.schemas.run_dir`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from kdpipe.schemas.run_dir import metrics_line
+
 if TYPE_CHECKING:
     from kdpipe.student_train.trainer import Trainer
-
-METRICS_FILE = "metrics.jsonl"
-
 
 class Callback:
     """Hooks around the loop; every rank runs them (collectives inside are allowed)."""
@@ -53,22 +48,11 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = (json.dumps(finite_or_null(record), allow_nan=False) + "\n").encode()
+        line = metrics_line(record)
         with open(self.path, "ab") as handle:
             handle.write(line)
         self.offset += len(line)
 
-
-
-def finite_or_null(value: Any) -> Any:
-    """`value` with every NaN or infinite float (in dicts and lists too) replaced by None."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_null(v) for key, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_or_null(v) for v in value]
-    return value
 
 
 class ProgressBar(Callback):

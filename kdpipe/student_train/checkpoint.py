@@ -1,6 +1,7 @@
 """Training checkpoints: written atomically, read as data, never lost half-way.
 
-Layout of one checkpoint (`RUN/checkpoints/step-00001000/`):
+The layout of a checkpoint (`RUN/checkpoints/step-00001000/`) and its names are in
+`kdpipe.schemas.run_dir`:
 
     model.safetensors     the model state (tensors only)
     optimizer.pt          optimizer state: tensors and primitives, loads with `weights_only=True`
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -37,17 +37,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from kdpipe.schemas.errors import KdpipeError
-
-CHECKPOINTS_DIR = "checkpoints"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
-TRAINER_STATE_FILE = "trainer_state.json"
-
-_COMPLETE_NAME = re.compile(r"^step-(\d{8})$")
-_TMP_PREFIX = ".tmp-"
-DIVERGED_PREFIX = "diverged-"
-
+from kdpipe.schemas.run_dir import (
+    CHECKPOINTS_DIR,
+    DIVERGED_PREFIX,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    TMP_PREFIX,
+    TRAINER_STATE_FILE,
+    checkpoint_name,
+    complete_checkpoints,
+)
 
 class Checkpoint(NamedTuple):
     """The four parts of a checkpoint, as loaded (tensors on CPU)."""
@@ -56,11 +56,6 @@ class Checkpoint(NamedTuple):
     optimizer_state: dict[str, Any]
     trainer_state: dict[str, Any]
     rng_state: dict[str, Tensor]
-
-
-def checkpoint_name(step: int) -> str:
-    """Directory name of the complete checkpoint at `step` (zero-padded so names sort by step)."""
-    return f"step-{step:08d}"
 
 
 def _fsync_file(path: Path) -> None:
@@ -98,7 +93,7 @@ def _safetensors_ready(model_state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _remove_tree(checkpoints: Path, victim: Path) -> None:
     """Rename then delete, so a crash mid-delete leaves a `.tmp-*` leftover, not a partial `step-*`."""
-    doomed = checkpoints / f"{_TMP_PREFIX}delete-{victim.name}-{os.getpid()}"
+    doomed = checkpoints / f"{TMP_PREFIX}delete-{victim.name}-{os.getpid()}"
     os.rename(victim, doomed)
     shutil.rmtree(doomed)
 
@@ -106,7 +101,7 @@ def _remove_tree(checkpoints: Path, victim: Path) -> None:
 def _remove_leftovers(checkpoints: Path) -> None:
     """Delete the `.tmp-*` leftovers of crashed saves and interrupted deletes."""
     for leftover in checkpoints.iterdir():
-        if leftover.name.startswith(_TMP_PREFIX):
+        if leftover.name.startswith(TMP_PREFIX):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -125,21 +120,6 @@ def prune_checkpoints(run_dir: Path, *, keep: int) -> None:
     _remove_leftovers(checkpoints)
     for old in complete_checkpoints(run_dir)[:-keep]:
         _remove_tree(checkpoints, old)
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    checkpoints = Path(run_dir) / CHECKPOINTS_DIR
-    if not checkpoints.is_dir():
-        return []
-    found = [p for p in checkpoints.iterdir() if p.is_dir() and _COMPLETE_NAME.match(p.name)]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None; temporary and partial directories are ignored."""
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def set_aside_checkpoint(run_dir: Path, step: int) -> Path | None:
@@ -183,7 +163,7 @@ def save_checkpoint(
         raise KdpipeError(f"checkpoint step {step} must be non-negative")
     checkpoints = Path(run_dir) / CHECKPOINTS_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoints / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+    tmp = checkpoints / f"{TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
     _remove_leftovers(checkpoints)  # of earlier processes: free their space before writing
     tmp.mkdir()
     try:

@@ -21,10 +21,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from kdpipe.schemas.cache_format import CacheManifest
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.run_dir import RUN_MANIFEST, latest_checkpoint, read_run_config, read_run_manifest
 from kdpipe.student_train.builders import PlainStudent, Student, build_plain, build_student
-from kdpipe.student_train.checkpoint import latest_checkpoint, load_checkpoint
+from kdpipe.student_train.checkpoint import load_checkpoint
 from kdpipe.student_train.lrc import LRCStudent
-from kdpipe.student_train.run_dir import RUN_MANIFEST, read_run_config, read_run_manifest
 
 # Files that make up a Hugging Face tokenizer; a model directory holds them next to weights.
 TOKENIZER_FILES = (

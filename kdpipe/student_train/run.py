@@ -2,7 +2,7 @@
 
 model (`build_student`) → train module (`StudentLoss`, wrapped by `parallelize`, and its
 optimizer) → data loader (`StudentLoader`) → `Trainer`. Every rank runs the same code;
-rank 0 alone writes the run directory (`run_dir.py`). Export is `export.py`.
+rank 0 alone writes the run directory (`resume.py`; its format: `kdpipe.schemas.run_dir`). Export is `export.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from kdpipe.student_train.callbacks import Callback, ProgressBar
 from kdpipe.student_train.evaluator import Evaluator
 from kdpipe.student_train.loader import StudentLoader
 from kdpipe.student_train.parallelize import DistContext, init_distributed, parallelize, shutdown_distributed
-from kdpipe.student_train.run_dir import check_run_dir, write_run_dir
+from kdpipe.student_train.resume import check_run_dir, write_run_dir
 from kdpipe.student_train.schedules import Schedule
 from kdpipe.student_train.student_loss import StudentLoss
 from kdpipe.student_train.trainer import BatchSource, Schedules, Trainer, TrainerOptions, TrainSummary

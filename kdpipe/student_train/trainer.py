@@ -29,14 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.student_train.callbacks import METRICS_FILE, Callback, MetricsLog
-from kdpipe.student_train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    set_aside_checkpoint,
-)
+from kdpipe.schemas.run_dir import METRICS_FILE, latest_checkpoint
+from kdpipe.student_train.callbacks import Callback, MetricsLog
+from kdpipe.student_train.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, set_aside_checkpoint
 from kdpipe.student_train.loader import StudentBatch
 from kdpipe.student_train.losses import SparseTargetBatch
 from kdpipe.student_train.parallelize import DistContext, full_state, gradient_sync, grad_norm_value, load_full_state

@@ -36,12 +36,13 @@ from rich.console import Console
 
 from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.cache_config import CacheTeacherConfig
+from kdpipe.schemas.run_dir import latest_checkpoint
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.callbacks import Callback
-from kdpipe.student_train.checkpoint import latest_checkpoint
 from kdpipe.student_train.run import train_student
 from kdpipe.student_train.trainer import Trainer
 from kdpipe.teacher_cache.run import cache_teacher
+from tests.unit.pipeline.test_status import write_run_dir
 from tests.unit.teacher_cache.test_run import build_token_store
 
 # The cache's shape; `CACHE_FLAGS` are the same options on the command line (a re-run resumes it).
@@ -322,6 +323,12 @@ def train_infinite_lr(ws: Workspace) -> Scenario:
     return Scenario(args, ("lr=inf", "finite"), (out,))
 
 
+def status_check_truncated_only_checkpoint(ws: Workspace) -> Scenario:
+    run = write_run_dir(ws.tmp / "run", 3, checkpoint_steps=(3,))
+    truncate(run / "checkpoints" / "step-00000003" / "model.safetensors")
+    return Scenario(["status", run, "--check"], (run, "damaged checkpoint", "step-00000003", "model.safetensors"))
+
+
 CASES: dict[str, Callable[[Workspace], Scenario]] = {
     case.__name__: case
     for case in (
@@ -356,6 +363,7 @@ CASES: dict[str, Callable[[Workspace], Scenario]] = {
         report_not_a_run,
         train_not_a_cache,
         train_infinite_lr,
+        status_check_truncated_only_checkpoint,
     )
 }
 

@@ -24,11 +24,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdpipe.cli import main
 from kdpipe.schemas.cache_format import CacheManifest
+from kdpipe.schemas.run_dir import METRICS_FILE, latest_checkpoint, read_run_config
 from kdpipe.student_train.builders import build_student
-from kdpipe.student_train.checkpoint import latest_checkpoint, load_checkpoint
+from kdpipe.student_train.checkpoint import load_checkpoint
 from kdpipe.student_train.run import train_student
-from kdpipe.student_train.run_dir import read_run_config
-from kdpipe.student_train.callbacks import METRICS_FILE
 from kdpipe.student_train.trainer import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[2]

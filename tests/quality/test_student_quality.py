@@ -75,8 +75,7 @@ from kdpipe.schemas.tokenizer import load_tokenizer, tokenizer_fingerprint
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.metrics import EvalAccumulator
 from kdpipe.student_train.run import train_student
-from kdpipe.student_train.run_dir import RUN_MANIFEST
-from kdpipe.student_train.callbacks import METRICS_FILE
+from kdpipe.schemas.run_dir import METRICS_FILE, RUN_MANIFEST
 from kdpipe.teacher_cache import cache_stats
 from kdpipe.teacher_cache.run import cache_teacher
 

@@ -1,10 +1,4 @@
-"""The run directory of `train-student`: refuse what cannot be continued, write what a run starts with.
-
-    RUN/config.yaml     the resolved config (re-loadable with --config)
-    RUN/run.json        run manifest: the cache's path, fingerprint and manifest, the
-                        student's Hugging Face config, world size and step count
-    RUN/metrics.jsonl   one JSON record per logged step and per eval
-    RUN/checkpoints/    complete checkpoints (see `checkpoint.py`)
+"""Starting or continuing a run directory (its format: `kdpipe.schemas.run_dir`).
 
 A run directory is never started twice: without --resume an existing run is refused; with
 --resume the run continues on the same cache (by fingerprint) with the same options
@@ -14,22 +8,15 @@ A run directory is never started twice: without --resume an existing run is refu
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from kdpipe.schemas.config import from_dict, to_dict, write_resolved
+from kdpipe.schemas.config import to_dict, write_resolved
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.run_dir import CONFIG_FILE, RUN_MANIFEST, read_run_config, read_run_manifest, write_run_manifest
 from kdpipe.schemas.train_config import RESUMABLE_CHANGES, TrainStudentConfig
 from kdpipe.student_train.builders import Student
 from kdpipe.student_train.parallelize import DistContext
 from kdpipe.teacher_cache import TeacherCache
-
-CONFIG_FILE = "config.yaml"
-RUN_MANIFEST = "run.json"
-RUN_FORMAT = "kdpipe.student_run"
 
 
 def check_run_dir(config: TrainStudentConfig, cache: TeacherCache, ctx: DistContext) -> bool:
@@ -68,8 +55,6 @@ def write_run_dir(config: TrainStudentConfig, cache: TeacherCache, student: Stud
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(config, out / CONFIG_FILE)
     run = {
-        "format": RUN_FORMAT,
-        "schema_version": 1,
         "cache": {
             "path": str(Path(cache.path).resolve()),
             "fingerprint": cache.manifest.fingerprint,
@@ -81,28 +66,4 @@ def write_run_dir(config: TrainStudentConfig, cache: TeacherCache, student: Stud
         "seq_len": cache.seq_len,
         "total_steps": total_steps,
     }
-    tmp = out / f".{RUN_MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(run, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, out / RUN_MANIFEST)
-
-
-def read_run_manifest(run_dir: Path) -> dict[str, Any]:
-    """The run manifest of a run directory."""
-    path = Path(run_dir) / RUN_MANIFEST
-    if not path.is_file():
-        raise KdpipeError(f"{run_dir} is not a train-student run (no {RUN_MANIFEST}); pass the --out of `kdpipe train-student`")
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise KdpipeError(f"{path} is not valid JSON ({err.msg}); the run directory is damaged") from None
-    if run.get("format") != RUN_FORMAT:
-        raise KdpipeError(f"{path} is not a kdpipe run manifest; pass the --out of `kdpipe train-student`")
-    return run
-
-
-def read_run_config(run_dir: Path) -> TrainStudentConfig:
-    """The resolved config a run was started with."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise KdpipeError(f"{run_dir} has no {CONFIG_FILE}; the run directory is damaged")
-    return from_dict(TrainStudentConfig, yaml.safe_load(path.read_text(encoding="utf-8")) or {}, where=f"config {path}")
+    write_run_manifest(out, run)

@@ -307,7 +307,7 @@ def export_student_command(config: ExportConfig) -> None:
 @config_command(app, "demo", DemoConfig)
 def demo_command(config: DemoConfig) -> None:
     """Run the whole pipeline offline and compare LM-only, top-k KD, rs-kd KD and LRC students (a re-run resumes)."""
-    from kdpipe.pipeline.demo import run_demo
+    from kdpipe.demo.run import run_demo
 
     console = Console() if sys.stdout.isatty() else Console(width=120)  # a log file gets the whole table
     summary = run_demo(config, console=console)

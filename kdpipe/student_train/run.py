@@ -18,6 +18,7 @@ from kdpipe.student_train.builders import PlainStudent, build_student
 from kdpipe.student_train.callbacks import Callback, ProgressBar
 from kdpipe.student_train.evaluator import Evaluator
 from kdpipe.student_train.loader import StudentLoader
+from kdpipe.student_train.optim import adamw
 from kdpipe.student_train.parallelize import DistContext, init_distributed, parallelize, shutdown_distributed
 from kdpipe.student_train.resume import check_run_dir, write_run_dir
 from kdpipe.student_train.schedules import Schedule
@@ -56,7 +57,8 @@ def build_trainer(
     )  # fmt: skip
     blocks = student.blocks() if isinstance(student, PlainStudent) else []
     module = parallelize(module, ctx=ctx, mode=config.parallelism, blocks=blocks, find_unused_parameters=not (use_lm or use_kd))
-    optimizer = _adamw(module, config)
+    betas = (config.adam_beta1, config.adam_beta2)
+    optimizer = adamw(module, lr=config.lr, weight_decay=config.weight_decay, betas=betas, eps=config.adam_eps)
 
     if loader is None:
         loader = StudentLoader(
@@ -81,18 +83,6 @@ def build_trainer(
         module=module, optimizer=optimizer, schedules=schedules, loader=loader, options=options,
         run_dir=config.out, ctx=ctx, callbacks=all_callbacks,
     )  # fmt: skip
-
-
-def _adamw(module: torch.nn.Module, config: TrainStudentConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm scales and biases are not shrunk)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps
-    )
 
 
 def _total_steps(config: TrainStudentConfig, cache: TeacherCache, world_size: int) -> int:

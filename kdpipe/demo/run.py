@@ -36,9 +36,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig
 
+from kdpipe.demo.corpus import read_stdlib_sources, write_jsonl
+from kdpipe.demo.teacher import SUMMARY_FILE, DemoTeacherConfig, train_demo_teacher, train_demo_tokenizer
 from kdpipe.pipeline.corpus import CorpusReader, expand_inputs
-from kdpipe.pipeline.demo_corpus import read_stdlib_sources, write_jsonl
-from kdpipe.pipeline.demo_teacher import SUMMARY_FILE, DemoTeacherConfig, train_demo_teacher, train_demo_tokenizer
 from kdpipe.pipeline.packing import assign_val
 from kdpipe.pipeline.prepare import prepare_data
 from kdpipe.pipeline.report import RunMetrics, load_run, write_report

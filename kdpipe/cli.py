@@ -298,7 +298,7 @@ def train_student_command(config: TrainStudentConfig) -> None:
 @config_command(app, "export-student", ExportConfig, arguments={"run": "RUN"}, config_file=False)
 def export_student_command(config: ExportConfig) -> None:
     """Export a trained student as a standard Hugging Face model directory with the teacher's tokenizer."""
-    from kdpipe.student_train.run import export_run
+    from kdpipe.student_train.export import export_run
 
     path = export_run(config.run, config.out, dtype=config.dtype)
     print(f"Exported {config.run} to {path}: load it with AutoModelForCausalLM.from_pretrained({str(path)!r})")
@@ -307,7 +307,7 @@ def export_student_command(config: ExportConfig) -> None:
 @config_command(app, "demo", DemoConfig)
 def demo_command(config: DemoConfig) -> None:
     """Run the whole pipeline offline and compare LM-only, top-k KD, rs-kd KD and LRC students (a re-run resumes)."""
-    from kdpipe.pipeline.demo import run_demo
+    from kdpipe.demo.run import run_demo
 
     console = Console() if sys.stdout.isatty() else Console(width=120)  # a log file gets the whole table
     summary = run_demo(config, console=console)

@@ -33,9 +33,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.run_dir import METRICS_FILE
 from kdpipe.schemas.out_dir import check_writable_dir
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 REPORT_FILE = "report.md"
 LOSS_CURVES_FILE = "loss_curves.png"

@@ -4,11 +4,13 @@ A cache (a directory with manifest.json) reports its shards complete and missing
 with `verify=True` also the complete shards whose files fail their checksums (that reads
 every byte, so it is not the default: status is meant to be polled while jobs run).
 
-A training run directory (one with run.json, see `kdpipe.student_train.run`) reports its
+A training run directory (one with run.json, see `kdpipe.schemas.run_dir`) reports its
 last complete checkpoint, the steps that checkpoint holds against the run's planned
 `total_steps`, and the last line of metrics.jsonl. Steps done are counted from the
 checkpoint, not from the metrics: steps logged after the last checkpoint are redone (and
-their lines dropped) by a resumed run.
+their lines dropped) by a resumed run. Checkpoints are checked cheaply, newest first, until
+one looks whole (`checkpoint_damage`: every file present with the length its own index
+gives); the damaged ones newer than it are reported, and the run is not finished.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from typing import Any, NamedTuple
 
 from kdpipe.schemas.cache_format import MANIFEST_FILE
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.student_train.checkpoint import latest_checkpoint
-from kdpipe.student_train.run import RUN_MANIFEST, read_run_manifest
-from kdpipe.student_train.trainer import METRICS_FILE
+from kdpipe.schemas.run_dir import (
+    METRICS_FILE,
+    RUN_MANIFEST,
+    checkpoint_damage,
+    checkpoint_step,
+    complete_checkpoints,
+    read_run_manifest,
+)
 from kdpipe.teacher_cache import scan_cache, verify_cache
 
 _TAIL_BYTES = 1 << 16  # enough for the last metrics line
@@ -65,13 +72,20 @@ class RunStatus(NamedTuple):
     """Progress of a training run directory."""
 
     path: Path
-    checkpoint: Path | None
-    steps_done: int  # held by the last complete checkpoint (0 without one)
+    checkpoint: Path | None  # the newest complete checkpoint that is not damaged
+    steps_done: int  # held by `checkpoint` (0 without one)
     planned_steps: int
     last_metrics: dict[str, Any] | None
+    damaged: list[str] = []  # "step-* (reason)" of complete checkpoints newer than `checkpoint`
 
     def problem(self) -> str | None:
         """Why the run is not finished, or None."""
+        if self.damaged:
+            previous = f"from {self.checkpoint.name}" if self.checkpoint is not None else "from step 0"
+            return (
+                f"run {self.path} has a damaged checkpoint: {_names(self.damaged)}; delete it to resume {previous} "
+                "with --resume (export reads the newest checkpoint too)"
+            )
         if self.steps_done < self.planned_steps:
             return f"run {self.path} is not finished: {self.steps_done} of {self.planned_steps} steps checkpointed; resume it with --resume"
         return None
@@ -82,6 +96,8 @@ class RunStatus(NamedTuple):
             lines.append("  last checkpoint: none yet")
         else:
             lines.append(f"  last checkpoint: step {self.steps_done} ({self.checkpoint.relative_to(self.path)})")
+        if self.damaged:
+            lines.append(f"  damaged checkpoints: {_names(self.damaged)}")
         percent = 100.0 * self.steps_done / self.planned_steps
         lines.append(f"  progress: {self.steps_done} of {self.planned_steps} steps checkpointed ({percent:.1f}%)")
         metrics = "none yet" if self.last_metrics is None else json.dumps(self.last_metrics, sort_keys=True)
@@ -129,10 +145,15 @@ def run_status(path: Path) -> RunStatus:
     planned_steps = read_run_manifest(path).get("total_steps")
     if not isinstance(planned_steps, int) or planned_steps < 1:
         raise KdpipeError(f"{path / RUN_MANIFEST} has no valid total_steps ({planned_steps!r}); the run directory is damaged")
-    checkpoint = latest_checkpoint(path)
-    # Complete checkpoints are named step-{step:08d} after the steps they hold (kdpipe.student_train.checkpoint).
-    steps_done = int(checkpoint.name.split("-", 1)[1]) if checkpoint is not None else 0
-    return RunStatus(path, checkpoint, steps_done, planned_steps, _last_metrics(path / METRICS_FILE))
+    checkpoint, damaged = None, []
+    for candidate in reversed(complete_checkpoints(path)):
+        reason = checkpoint_damage(candidate)
+        if reason is None:
+            checkpoint = candidate
+            break
+        damaged.append(f"{candidate.name} ({reason})")
+    steps_done = checkpoint_step(checkpoint) if checkpoint is not None else 0
+    return RunStatus(path, checkpoint, steps_done, planned_steps, _last_metrics(path / METRICS_FILE), damaged)
 
 
 def _last_metrics(metrics_path: Path) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ same when a run is resumed; `RESUMABLE_CHANGES` lists the ones that may differ.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -30,9 +31,13 @@ SHARED_INIT_LR = 3e-5
 INIT_SEQUENCES = 256
 """Training sequences whose cached FFN inputs `--lrc-init shared` reads (fewer if the split is smaller)."""
 
-RESUMABLE_CHANGES = frozenset({"resume", "out", "cache", "num_workers", "checkpoint_every", "keep_checkpoints"})
-"""Options a resumed run may give differently: none of them changes a trained weight.
-(`cache` may move: the run is tied to the cache's fingerprint, not to its path.)"""
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "out", "cache", "num_workers", "checkpoint_every", "keep_checkpoints", "lr", "warmup_steps", "grad_clip"}
+)
+"""Options a resumed run may give differently. The first six change no trained weight
+(`cache` may move: the run is tied to the cache's fingerprint, not to its path); `lr`,
+`warmup_steps` and `grad_clip` change the steps still to train: they are how a diverged
+run continues from its last good checkpoint."""
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -165,8 +170,8 @@ class TrainStudentConfig:
         if self.lm_weight == 0 and self.kd_weight == 0 and self.clone_weight == 0:
             raise KdpipeError("all loss weights are 0: set --lm-weight, --kd-weight or --clone-weight above 0")
         for name, value in {"lr": self.lr, "kd_temperature": self.kd_temperature, "init_std": self.init_std, "adam_eps": self.adam_eps}.items():
-            if not value > 0:
-                raise KdpipeError(f"train-student option {name}={value} must be > 0")
+            if not 0 < value < math.inf:
+                raise KdpipeError(f"train-student option {name}={value} must be > 0 and finite")
         for name, value in {"adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2}.items():
             if not 0.0 <= value < 1.0:
                 raise KdpipeError(f"train-student option {name}={value} must be in [0, 1)")

@@ -32,10 +32,7 @@ from kdpipe.student_train.lrc_init import (
     calibration_tokens,
     shared_basis,
 )
-
-# The teacher fingerprint must be computed exactly as `cache-teacher` computed it, so the
-# loader that produced the manifest's hashes is used (it is not part of the reader API).
-from kdpipe.teacher_cache import TeacherCache, TeacherModel
+from kdpipe.teacher_cache import TeacherCache, TeacherModel, check_same_teacher
 
 
 class PlainStudent(nn.Module):
@@ -135,16 +132,7 @@ def load_teacher(manifest: CacheManifest, *, device: torch.device) -> PreTrained
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
-    expected = manifest.teacher
-    for what, found, recorded in (
-        ("weights", teacher.info.weights_hash, expected.weights_hash),
-        ("config", teacher.info.config_hash, expected.config_hash),
-    ):
-        if found != recorded:
-            raise KdpipeError(
-                f"teacher {path} is not the teacher of this cache (its {what} hash is {found}, the cache records "
-                f"{recorded}); restore that teacher or cache this one with `kdpipe cache-teacher`"
-            )
+    check_same_teacher(path, teacher.info, manifest.teacher)
     return teacher.model
 
 

@@ -1,6 +1,7 @@
 """Training checkpoints: written atomically, read as data, never lost half-way.
 
-Layout of one checkpoint (`RUN/checkpoints/step-00001000/`):
+The layout of a checkpoint (`RUN/checkpoints/step-00001000/`) and its names are in
+`kdpipe.schemas.run_dir`:
 
     model.safetensors     the model state (tensors only)
     optimizer.pt          optimizer state: tensors and primitives, loads with `weights_only=True`
@@ -12,7 +13,9 @@ which is then renamed to `step-{step}`. The rename is the completion marker: a d
 named `step-*` is complete by construction, and a crash at any point leaves either the
 complete checkpoint or a `.tmp-*` directory that readers ignore and the next save removes.
 Old checkpoints are removed only after the new one is in place, so the latest complete
-checkpoint always survives. A crash after the last save's rename leaves what that save had
+checkpoint always survives. A checkpoint a diverged step started from is renamed
+`diverged-step-*` (see `set_aside_checkpoint`) and is no longer a checkpoint of the run.
+A crash after the last save's rename leaves what that save had
 yet to remove (one checkpoint too many, a `.tmp-*` leftover): a resumed run removes it with
 `prune_checkpoints` even when it has no step left to train and so never saves. One writer
 per run directory (rank 0 of the job) is assumed: under FSDP the caller gathers full state
@@ -24,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,16 +38,17 @@ from torch import Tensor
 
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.schemas.out_dir import free_bytes, is_disk_full
-
-CHECKPOINTS_DIR = "checkpoints"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
-TRAINER_STATE_FILE = "trainer_state.json"
-
-_COMPLETE_NAME = re.compile(r"^step-(\d{8})$")
-_TMP_PREFIX = ".tmp-"
-
+from kdpipe.schemas.run_dir import (
+    CHECKPOINTS_DIR,
+    DIVERGED_PREFIX,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    TMP_PREFIX,
+    TRAINER_STATE_FILE,
+    checkpoint_name,
+    complete_checkpoints,
+)
 
 class Checkpoint(NamedTuple):
     """The four parts of a checkpoint, as loaded (tensors on CPU)."""
@@ -54,11 +57,6 @@ class Checkpoint(NamedTuple):
     optimizer_state: dict[str, Any]
     trainer_state: dict[str, Any]
     rng_state: dict[str, Tensor]
-
-
-def checkpoint_name(step: int) -> str:
-    """Directory name of the complete checkpoint at `step` (zero-padded so names sort by step)."""
-    return f"step-{step:08d}"
 
 
 def _fsync_file(path: Path) -> None:
@@ -96,7 +94,7 @@ def _safetensors_ready(model_state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _remove_tree(checkpoints: Path, victim: Path) -> None:
     """Rename then delete, so a crash mid-delete leaves a `.tmp-*` leftover, not a partial `step-*`."""
-    doomed = checkpoints / f"{_TMP_PREFIX}delete-{victim.name}-{os.getpid()}"
+    doomed = checkpoints / f"{TMP_PREFIX}delete-{victim.name}-{os.getpid()}"
     os.rename(victim, doomed)
     shutil.rmtree(doomed)
 
@@ -104,7 +102,7 @@ def _remove_tree(checkpoints: Path, victim: Path) -> None:
 def _remove_leftovers(checkpoints: Path) -> None:
     """Delete the `.tmp-*` leftovers of crashed saves and interrupted deletes."""
     for leftover in checkpoints.iterdir():
-        if leftover.name.startswith(_TMP_PREFIX):
+        if leftover.name.startswith(TMP_PREFIX):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -125,19 +123,22 @@ def prune_checkpoints(run_dir: Path, *, keep: int) -> None:
         _remove_tree(checkpoints, old)
 
 
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+def set_aside_checkpoint(run_dir: Path, step: int) -> Path | None:
+    """Rename the complete checkpoint of `step`, if any, to `diverged-step-*`: kept to look at, never resumed from.
+
+    Readers and `prune_checkpoints` see only `step-*` directories, so the run continues from
+    the checkpoint before it. An earlier set-aside copy of the same step is replaced.
+    """
     checkpoints = Path(run_dir) / CHECKPOINTS_DIR
-    if not checkpoints.is_dir():
-        return []
-    found = [p for p in checkpoints.iterdir() if p.is_dir() and _COMPLETE_NAME.match(p.name)]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None; temporary and partial directories are ignored."""
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+    victim = checkpoints / checkpoint_name(step)
+    if not victim.is_dir():
+        return None
+    target = checkpoints / f"{DIVERGED_PREFIX}{victim.name}"
+    if target.exists():
+        _remove_tree(checkpoints, target)
+    os.rename(victim, target)
+    _fsync_dir(checkpoints)
+    return target
 
 
 def save_checkpoint(
@@ -163,7 +164,7 @@ def save_checkpoint(
         raise KdpipeError(f"checkpoint step {step} must be non-negative")
     checkpoints = Path(run_dir) / CHECKPOINTS_DIR
     checkpoints.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoints / f"{_TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
+    tmp = checkpoints / f"{TMP_PREFIX}{checkpoint_name(step)}-{os.getpid()}"
     _remove_leftovers(checkpoints)  # of earlier processes: free their space before writing
     tmp.mkdir()
     try:

@@ -1,10 +1,8 @@
-"""The training loop: steps, schedules, checkpoints, cancellation, metrics and eval.
+"""The training loop: steps, schedules, checkpoints and cancellation.
 
-`StudentLoss` is the train module's forward: the student and every loss term in one
-`nn.Module`, so that DDP and FSDP see the whole computation (the LM head and the clone
-targets use student parameters outside the student's own forward). A step is
-`w_lm·CE + w_kd·KD + α·clone` over `grad_accum` micro-batches, then gradient clipping
-and AdamW, with the learning rate and each weight read from its `Schedule` at the step.
+A step runs the train module (`StudentLoss`, see `student_loss.py`) over `grad_accum`
+micro-batches, then gradient clipping and AdamW, with the learning rate and each loss
+weight read from its `Schedule` at the step.
 
 `Trainer` owns the loop, the checkpoint cadence and cancellation: SIGTERM or SIGUSR1
 (Slurm preemption) only sets a flag; at the end of the current step every rank agrees to
@@ -12,37 +10,33 @@ stop (one all-reduce), a checkpoint is written, and `fit` returns a summary with
 `preempted=True`; the CLI then exits with `PREEMPTED_EXIT_CODE`. A resumed run restores
 the weights, the optimizer, the RNG states of every rank, the loader position and the
 metrics file's length, so on CPU it reproduces the uninterrupted run's metrics exactly.
-Logging, the progress bar and eval are callbacks.
+Logging (`callbacks.py`), the progress bar and eval (`evaluator.py`) are callbacks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.student_train.builders import Student, lm_head_bias
-from kdpipe.student_train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from kdpipe.student_train.clone_loss import CloneScale, clone_loss_terms
+from kdpipe.schemas.run_dir import METRICS_FILE, latest_checkpoint
+from kdpipe.student_train.callbacks import Callback, MetricsLog
+from kdpipe.student_train.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, set_aside_checkpoint
 from kdpipe.student_train.loader import StudentBatch
-from kdpipe.student_train.losses import SparseTargetBatch, kd_lm_loss, normalise_targets
-from kdpipe.student_train.metrics import EvalAccumulator
+from kdpipe.student_train.losses import SparseTargetBatch
 from kdpipe.student_train.parallelize import DistContext, full_state, gradient_sync, grad_norm_value, load_full_state
 from kdpipe.student_train.schedules import Schedule
+from kdpipe.student_train.student_loss import LossWeights
 
 PREEMPTED_EXIT_CODE = 75
 """Exit status after a checkpoint on SIGTERM/SIGUSR1: EX_TEMPFAIL of sysexits.h, "try
@@ -50,74 +44,7 @@ again later". Under torchrun the launcher reports it as a failed worker (its own
 1), so Slurm scripts should requeue on the signal (a trap running `scontrol requeue`)
 rather than on the status; the requeued command adds `--resume`."""
 
-METRICS_FILE = "metrics.jsonl"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class LossWeights(NamedTuple):
-    """The loss weights of one step."""
-
-    lm: float
-    kd: float
-    clone: float
-
-
-class StudentLoss(nn.Module):
-    """Student forward plus losses; in eval, student forward plus eval metrics."""
-
-    def __init__(
-        self, student: Student, *, mode: str, kd_temperature: float, chunk_size: int, use_lm: bool, use_kd: bool, use_clone: bool,
-        clone_scale: CloneScale = "absolute",
-    ) -> None:
-        super().__init__()
-        self.student = student
-        self.mode = mode
-        self.kd_temperature = kd_temperature
-        self.chunk_size = chunk_size
-        self.use_lm, self.use_kd, self.use_clone = use_lm, use_kd, use_clone
-        self.clone_scale = clone_scale
-
-    def forward(
-        self, batch: StudentBatch, weights: LossWeights | None = None, accumulator: EvalAccumulator | None = None
-    ) -> dict[str, Tensor] | None:
-        """Train: {"loss": weighted total, "loss/lm" | "loss/kd" | "loss/clone" | "loss/clone/{term}": detached}.
-        Eval (`accumulator` given): adds to it and returns None."""
-        capture = batch.snap_positions if self.use_clone and accumulator is None else None
-        out = self.student(batch.input_ids, capture_positions_BK=capture)
-        hidden_ND = out.hidden.reshape(-1, out.hidden.shape[-1])  # (B*T, D)
-        head_VD, bias_V = self.student.lm_head_weight(), lm_head_bias(self.student)
-        labels_N = batch.labels.reshape(-1)  # (B*T,)
-        if accumulator is not None:
-            accumulator.update(hidden_ND, head_VD, labels_N, batch.targets, bias_V)
-            return None
-        assert weights is not None
-        total = hidden_ND.new_zeros((), dtype=torch.float32)
-        logged: dict[str, Tensor] = {}
-        if self.use_lm or self.use_kd:
-            terms = kd_lm_loss(
-                hidden_ND,
-                head_VD,
-                labels_N=labels_N if self.use_lm else None,
-                targets=normalise_targets(batch.targets, mode=self.mode) if self.use_kd else None,
-                kd_temperature=self.kd_temperature,
-                chunk_size=self.chunk_size,
-                lm_bias_V=bias_V,
-            )
-            total = total + weights.lm * terms.lm + weights.kd * terms.kd
-            if self.use_lm:
-                logged["loss/lm"] = terms.lm.detach()
-            if self.use_kd:
-                logged["loss/kd"] = terms.kd.detach()
-        if self.use_clone:
-            # Targets at the cached snapshot positions, the same positions the forward captured.
-            targets = {layer: self.student.clone_targets(layer, batch.snapshots[layer]) for layer in out.activations}
-            parts = clone_loss_terms(out.activations, targets, scale=self.clone_scale)
-            clone = torch.stack(list(parts.values())).sum()
-            total = total + weights.clone * clone
-            logged["loss/clone"] = clone.detach()
-            for term in sorted({term for _, term in parts}):
-                logged[f"loss/clone/{term}"] = torch.stack([v for (_, t), v in parts.items() if t == term]).sum().detach()
-        return {"loss": total, **logged}
 
 
 class BatchSource(Protocol):
@@ -186,41 +113,6 @@ class TrainSummary:
         )
 
 
-class Callback:
-    """Hooks around the loop; every rank runs them (collectives inside are allowed)."""
-
-    def on_train_start(self, trainer: Trainer) -> None: ...
-    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None: ...
-    def on_step_end(self, trainer: Trainer) -> None: ...
-    def on_train_end(self, trainer: Trainer) -> None: ...  # also after a stop or an error
-
-
-class MetricsLog:
-    """metrics.jsonl, written by rank 0; its length is checkpointed so a resume drops later lines."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-        self.offset = 0
-
-    def open(self, offset: int) -> None:
-        """Continue after the first `offset` bytes (the checkpoint's lines), dropping later ones."""
-        self.offset = offset
-        if not self.enabled:
-            return
-        with open(self.path, "ab") as handle:
-            self.offset = min(offset, handle.tell())  # a file shortened by hand is not padded
-            handle.truncate(self.offset)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        line = (json.dumps(record, allow_nan=False) + "\n").encode()
-        with open(self.path, "ab") as handle:
-            handle.write(line)
-        self.offset += len(line)
-
-
 @dataclass(slots=True)
 class _Clock:
     start: float = field(default_factory=time.perf_counter)
@@ -258,6 +150,7 @@ class Trainer:
         self.last_train: dict[str, Any] | None = None
         self.last_eval: dict[str, Any] | None = None
         self._stop_signal: str | None = None
+        self.failed = False  # set when `fit` ends by an exception (the callbacks' `on_train_end` can tell)
         self._clock = _Clock()
         self._params = [p for p in module.parameters() if p.requires_grad]
 
@@ -293,9 +186,12 @@ class Trainer:
             while self.step < self.total_steps:
                 local = self._train_step(self._next_batches(batches))
                 self.step += 1
-                if self.step % self.options.log_every == 0 or self.step == self.total_steps:
+                diverged = self._diverged(local)
+                if diverged or self.step % self.options.log_every == 0 or self.step == self.total_steps:
                     self.last_train = self._train_record(local)
                     self.log(self.last_train)
+                if diverged:
+                    raise self._divergence_error()
                 for callback in self.callbacks:
                     callback.on_step_end(self)
                 if self._stop_agreed() and self.step < self.total_steps:
@@ -304,6 +200,9 @@ class Trainer:
                 if self.step % self.options.checkpoint_every == 0 or self.step == self.total_steps:
                     self.save()
             return self._summary(preempted=False)
+        except BaseException:
+            self.failed = True
+            raise
         finally:
             for callback in self.callbacks:
                 callback.on_train_end(self)
@@ -367,12 +266,35 @@ class Trainer:
         record["lr"] = self.schedules.lr.value(step)
         record.update({f"w_{name}": value for name, value in self.schedules.weights(step)._asdict().items()})
         record["tokens_per_s"] = tokens_per_s
-        if not math.isfinite(record["loss"]):
-            raise KdpipeError(
-                f"training diverged: loss {record['loss']} at step {self.step}; start a new run with a lower --lr, "
-                "a longer --warmup-steps or a tighter --grad-clip"
-            )
         return record
+
+    def _diverged(self, local: dict[str, Tensor]) -> bool:
+        """Whether a loss term or the gradient norm of the step just taken is not finite on any rank."""
+        values = torch.stack([value.to(self.ctx.device).reshape(()) for value in local.values()])
+        flag = (~torch.isfinite(values)).any().float().reshape(1)
+        return bool(self.ctx.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item())
+
+    def _divergence_error(self) -> KdpipeError:
+        """The error that ends a diverged run, after setting aside the checkpoint the diverged step started from.
+
+        Its weights gave the non-finite loss or gradient, on the same batch whatever the
+        learning rate, so a resume from it would diverge again; earlier checkpoints are kept.
+        Nothing is saved of the diverged state.
+        """
+        if self.ctx.is_main:
+            set_aside_checkpoint(self.run_dir, self.step - 1)
+        self.ctx.barrier()
+        kept = latest_checkpoint(self.run_dir)
+        where = (
+            f"the last good checkpoint is {kept.name}: continue from it" if kept is not None
+            else "no checkpoint precedes it: start again from step 0"
+        )
+        record = self.last_train or {}
+        values = ", ".join(f"{name.replace('_', ' ')} {record[name]}" for name in ("loss", "grad_norm") if name in record)
+        return KdpipeError(
+            f"training diverged at step {self.step} ({values}); "
+            f"{where} with --resume and a lower --lr, a longer --warmup-steps or a tighter --grad-clip"
+        )
 
     def _stop_agreed(self) -> bool:
         """Whether any rank was signalled (every rank must stop at the same step)."""
@@ -476,83 +398,3 @@ def to_device(batch: StudentBatch, device: torch.device) -> StudentBatch:
         snap_positions=move(batch.snap_positions),
         snapshots={layer: {term: move(v) for term, v in terms.items()} for layer, terms in batch.snapshots.items()},
     )
-
-
-class Evaluator(Callback):
-    """Eval on the held-out split every `every` steps and at the end: LM loss, KL to the cached targets, ECE."""
-
-    def __init__(self, loader: BatchSource, *, every: int, batches: int, mode: str, chunk_size: int) -> None:
-        self.loader = loader
-        self.every = every
-        self.batches = batches
-        self.mode = mode
-        self.chunk_size = chunk_size
-        self._start = loader.state_dict()
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        if trainer.step % self.every == 0 or trainer.step == trainer.total_steps:
-            trainer.log(self.evaluate(trainer))
-
-    @torch.no_grad()
-    def evaluate(self, trainer: Trainer) -> dict[str, Any]:
-        """The same `batches` val batches every time (the loader is rewound), summed over ranks."""
-        accumulator = EvalAccumulator(mode=self.mode, chunk_size=self.chunk_size, device=trainer.ctx.device)
-        self.loader.load_state_dict(self._start)
-        trainer.module.eval()
-        try:
-            for batch in islice(self.loader, self.batches):
-                with trainer.autocast():
-                    trainer.module(to_device(batch, trainer.ctx.device), accumulator=accumulator)
-        finally:
-            trainer.module.train()
-        trainer.ctx.all_reduce(accumulator.totals)
-        result = accumulator.result()
-        record: dict[str, Any] = {"type": "eval", "step": trainer.step}
-        record.update({f"eval/{name}": value for name, value in result.items()})
-        return record
-
-
-class ProgressBar(Callback):
-    """A rich progress bar on rank 0 (stderr) with the latest loss and eval results."""
-
-    def __init__(self) -> None:
-        self._progress: Progress | None = None
-        self._task = 0
-
-    def on_train_start(self, trainer: Trainer) -> None:
-        if not trainer.ctx.is_main:
-            return
-        self._progress = Progress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self._progress.start()
-        self._task = self._progress.add_task("train", total=trainer.total_steps, completed=trainer.step, status="")
-
-    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        if self._progress is None:
-            return
-        if record["type"] == "train":
-            status = f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s"
-            self._progress.update(self._task, status=status)
-        elif record.get("eval/lm_loss") is not None:
-            kl = record["eval/kl"]
-            self._progress.console.print(
-                f"eval step {record['step']}: LM loss {record['eval/lm_loss']:.4f}"
-                + (f", KL {kl:.4f}" if kl is not None else "")
-                + f", ECE {record['eval/ece']:.4f}"
-            )
-
-    def on_step_end(self, trainer: Trainer) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=trainer.step)
-
-    def on_train_end(self, trainer: Trainer) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None

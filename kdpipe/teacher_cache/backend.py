@@ -3,18 +3,16 @@
 `cache-teacher` needs four things from the teacher: the final hidden states (B, T, d), the
 LM head applied to a chunk of positions at a time (never the full (B, T, V) logits), the
 decoder blocks' FFN and attention modules to hook for snapshots, and a fingerprint
-(config and weights hashes) that ties a cache to exactly this teacher. Modules are found
+(config and weights hashes, `fingerprint.py`) that ties a cache to exactly this teacher. Modules are found
 by structure rather than by model name, so any decoder-only model that transformers loads
 with dense gated-MLP blocks works (Llama, Qwen2, Qwen3, Mistral, Gemma2, ...).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -22,14 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, Pre
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.teacher_cache.fingerprint import config_hash, weights_hash
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Keys of config.to_dict() that change with how a model was saved or loaded, not with
-# what it computes: they must not change the teacher fingerprint.
-_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype"})
-
-_HASH_BLOCK_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -208,29 +201,6 @@ def head_logits(hidden_PD: torch.Tensor, weight_VD: torch.Tensor, bias_V: torch.
     if softcap:
         logits_PV = torch.tanh(logits_PV / softcap) * softcap
     return logits_PV
-
-
-def config_hash(config: PreTrainedConfig) -> str:
-    """sha256 (first 16 hex chars) of the canonical JSON config, minus save/load-only keys."""
-    canonical = json.dumps(_strip_volatile(config.to_dict()), sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def weights_hash(files: list[Path]) -> str:
-    """blake2b (16 hex chars) over the weight files' bytes in sorted-name order, streamed in 16 MiB blocks."""
-    digest = hashlib.blake2b(digest_size=8)
-    for file in sorted(files, key=lambda p: p.name):
-        with file.open("rb") as fh:
-            while block := fh.read(_HASH_BLOCK_BYTES):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _strip_volatile(value: Any) -> Any:
-    """Drop `_VOLATILE_CONFIG_KEYS` at every nesting level (sub-configs carry their own dtype)."""
-    if isinstance(value, dict):
-        return {k: _strip_volatile(v) for k, v in value.items() if k not in _VOLATILE_CONFIG_KEYS}
-    return value
 
 
 def _load_causal_lm_config(root: Path) -> PreTrainedConfig:

@@ -34,9 +34,8 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 from kdpipe.schemas.cache_config import CacheTeacherConfig
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.teacher_cache.backend import (
-    TeacherInfo, _load_causal_lm_config, _resolve_device, _resolve_dtype, _weight_files, config_hash, head_logits, weights_hash,
-)  # fmt: skip
+from kdpipe.teacher_cache.backend import TeacherInfo, _load_causal_lm_config, _resolve_device, _resolve_dtype, _weight_files, head_logits
+from kdpipe.teacher_cache.fingerprint import config_hash, weights_hash
 from kdpipe.teacher_cache.teacher_backend import BackendName, Snapshots, package_versions
 from kdpipe.teacher_cache.vllm_worker import unpack_tensor
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.student_train.checkpoint import latest_checkpoint
+from kdpipe.schemas.run_dir import latest_checkpoint
 from kdpipe.student_train.loader import StudentBatch, StudentLoader
 from kdpipe.student_train.losses import SparseTargetBatch
 from kdpipe.student_train.parallelize import DistContext

@@ -36,7 +36,13 @@ from rich.console import Console
 
 from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.cache_config import CacheTeacherConfig
+from kdpipe.schemas.run_dir import latest_checkpoint
+from kdpipe.schemas.train_config import TrainStudentConfig
+from kdpipe.student_train.callbacks import Callback
+from kdpipe.student_train.run import train_student
+from kdpipe.student_train.trainer import Trainer
 from kdpipe.teacher_cache.run import cache_teacher
+from tests.unit.pipeline.test_status import write_run_dir
 from tests.unit.teacher_cache.test_run import build_token_store
 
 # The cache's shape; `CACHE_FLAGS` are the same options on the command line (a re-run resumes it).
@@ -338,6 +344,18 @@ def train_not_a_cache(ws: Workspace) -> Scenario:
     return Scenario(["train-student", "--cache", ws.art.store, "--out", out, "--steps", "1", "--hidden-size", "32"], (ws.art.store,), (out,))
 
 
+def train_infinite_lr(ws: Workspace) -> Scenario:
+    out = ws.tmp / "run"
+    args = ["train-student", "--cache", ws.art.cache, "--out", out, "--steps", "1", "--hidden-size", "32", "--lr", "inf"]
+    return Scenario(args, ("lr=inf", "finite"), (out,))
+
+
+def status_check_truncated_only_checkpoint(ws: Workspace) -> Scenario:
+    run = write_run_dir(ws.tmp / "run", 3, checkpoint_steps=(3,))
+    truncate(run / "checkpoints" / "step-00000003" / "model.safetensors")
+    return Scenario(["status", run, "--check"], (run, "damaged checkpoint", "step-00000003", "model.safetensors"))
+
+
 CASES: dict[str, Callable[[Workspace], Scenario]] = {
     case.__name__: case
     for case in (
@@ -375,6 +393,8 @@ CASES: dict[str, Callable[[Workspace], Scenario]] = {
         report_non_numeric_metrics,
         report_not_a_run,
         train_not_a_cache,
+        train_infinite_lr,
+        status_check_truncated_only_checkpoint,
     )
 }
 
@@ -484,3 +504,45 @@ def test_shard_records_without_sizes_still_open(ws: Workspace) -> None:
     result = kdpipe("inspect", cache)
     assert result.returncode == 0, result.stderr
     assert kdpipe("verify", cache).returncode == 0
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(token: str) -> None:
+        raise AssertionError(f"metrics line holds {token}, which is not JSON: {line}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_divergence_is_one_line_keeps_the_last_good_checkpoint_and_resumes_with_a_lower_lr(ws: Workspace) -> None:
+    run = ws.tmp / "run"
+    base = ["train-student", "--cache", ws.art.cache, "--out", run, "--steps", "8", "--hidden-size", "32", "--num-workers", "0", "--lrc-init", "random", "--log-every", "1"]
+
+    class StopAt(Callback):  # what SIGTERM does, at a known step
+        def on_step_end(self, trainer: Trainer) -> None:
+            if trainer.step == 2:
+                trainer.request_stop("the test")
+
+    config = TrainStudentConfig(cache=ws.art.cache, out=run, steps=8, hidden_size=32, num_workers=0, lrc_init="random", log_every=1)
+    assert train_student(config, callbacks=[StopAt()]).preempted
+    assert latest_checkpoint(run).name == "step-00000002"
+
+    diverged = kdpipe(*base, "--resume", "--lr", "1e30", "--grad-clip", "0", "--checkpoint-every", "1")
+    assert diverged.returncode == 2, diverged.stderr
+    assert "Traceback" not in diverged.stderr, diverged.stderr
+    lines = diverged.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training diverged at step" in lines[0], diverged.stderr
+    records = [_strict_json(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    last = records[-1]
+    assert last["type"] == "train" and (last["loss"] is None or last["grad_norm"] is None), last
+    step = last["step"]
+    # The checkpoint the diverged step started from is set aside; the one before it is the run's latest.
+    kept = latest_checkpoint(run)
+    assert kept is not None and kept.name in lines[0] and int(kept.name.split("-")[1]) < step - 1
+    assert not (run / "checkpoints" / f"step-{step - 1:08d}").exists()
+
+    assert kdpipe(*base, "--resume").returncode == 0
+    records = [_strict_json(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert all(r["loss"] is not None and r["grad_norm"] is not None for r in train)
+    assert latest_checkpoint(run).name == "step-00000008"

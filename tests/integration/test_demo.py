@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from kdpipe.pipeline.demo import run_demo
+from kdpipe.demo.run import run_demo
 from kdpipe.schemas.demo_config import DemoConfig
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.teacher_cache.inspect import cache_stats

@@ -24,10 +24,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdpipe.cli import main
 from kdpipe.schemas.cache_format import CacheManifest
+from kdpipe.schemas.run_dir import METRICS_FILE, latest_checkpoint, read_run_config
 from kdpipe.student_train.builders import build_student
-from kdpipe.student_train.checkpoint import latest_checkpoint, load_checkpoint
-from kdpipe.student_train.run import read_run_config, train_student
-from kdpipe.student_train.trainer import METRICS_FILE, PREEMPTED_EXIT_CODE
+from kdpipe.student_train.checkpoint import load_checkpoint
+from kdpipe.student_train.run import train_student
+from kdpipe.student_train.trainer import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB_ROWS = 320  # the tiny Qwen2's LM head rows

@@ -47,7 +47,8 @@ import torch
 from safetensors.torch import load_file
 
 from kdpipe.student_train import checkpoint as ckpt
-from kdpipe.student_train.trainer import METRICS_FILE, MetricsLog
+from kdpipe.schemas.run_dir import METRICS_FILE
+from kdpipe.student_train.callbacks import MetricsLog
 from tests.integration.test_train_cli import REPO, train_args, work  # noqa: F401  (work: fixture)
 
 STEPS = 7
@@ -64,7 +65,7 @@ def _in_save_of(path: Any, step: int) -> bool:
     if not isinstance(path, (str, os.PathLike)):
         return False
     path = Path(path)
-    return any(p.name.startswith(f"{ckpt._TMP_PREFIX}{ckpt.checkpoint_name(step)}-") for p in (path, path.parent))
+    return any(p.name.startswith(f"{ckpt.TMP_PREFIX}{ckpt.checkpoint_name(step)}-") for p in (path, path.parent))
 
 
 class KillPoint(NamedTuple):
@@ -83,7 +84,7 @@ class KillPoint(NamedTuple):
 
 
 WRITE_ORDER = (ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.RNG_FILE, ckpt.TRAINER_STATE_FILE)
-_CUT = f"{ckpt._TMP_PREFIX}step-00000006-"
+_CUT = f"{ckpt.TMP_PREFIX}step-00000006-"
 _CUT_SAVE = dict(complete=[2, 4], resume_from=4, logged=6, leftover=_CUT)
 _save_file_of_6 = lambda tensors, path: _in_save_of(path, 6)  # noqa: E731
 _torch_save_of_6 = lambda name: lambda obj, path: _in_save_of(path, 6) and Path(path).name == name  # noqa: E731
@@ -106,12 +107,12 @@ KILL_POINTS = {
     "after-rename": KillPoint(os, "rename", lambda src, dst: _in_save_of(src, 6), "after", [2, 4, 6], resume_from=6, logged=6),
     "mid-prune": KillPoint(
         os, "rename", _rename_of("step-00000002"), "after", [4, 6], resume_from=6, logged=6,
-        leftover=f"{ckpt._TMP_PREFIX}delete-step-00000002-",
+        leftover=f"{ckpt.TMP_PREFIX}delete-step-00000002-",
     ),  # fmt: skip
     "after-last-rename": KillPoint(os, "rename", lambda src, dst: _in_save_of(src, 7), "after", [4, 6, 7], resume_from=7, logged=7),
     "mid-last-prune": KillPoint(
         os, "rename", _rename_of("step-00000004"), "after", [6, 7], resume_from=7, logged=7,
-        leftover=f"{ckpt._TMP_PREFIX}delete-step-00000004-",
+        leftover=f"{ckpt.TMP_PREFIX}delete-step-00000004-",
     ),  # fmt: skip
     "metrics-line": KillPoint(MetricsLog, "write", _log_of_step_5, "after", [2, 4], resume_from=4, logged=5),
     "torn-metrics-line": KillPoint(

@@ -74,8 +74,8 @@ from kdpipe.schemas.token_store import FORMAT, SCHEMA_VERSION, TokenStoreWriter
 from kdpipe.schemas.tokenizer import load_tokenizer, tokenizer_fingerprint
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.metrics import EvalAccumulator
-from kdpipe.student_train.run import RUN_MANIFEST, train_student
-from kdpipe.student_train.trainer import METRICS_FILE
+from kdpipe.student_train.run import train_student
+from kdpipe.schemas.run_dir import METRICS_FILE, RUN_MANIFEST
 from kdpipe.teacher_cache import cache_stats
 from kdpipe.teacher_cache.run import cache_teacher
 

@@ -32,9 +32,8 @@ from safetensors.torch import load_file
 
 from kdpipe.pipeline.slurm import render_cache_array, submit
 from kdpipe.schemas import cache_format as cf
+from kdpipe.schemas.run_dir import METRICS_FILE, latest_checkpoint
 from kdpipe.schemas.slurm_config import SlurmCacheConfig
-from kdpipe.student_train.checkpoint import latest_checkpoint
-from kdpipe.student_train.trainer import METRICS_FILE
 from kdpipe.teacher_cache import open_cache
 from tests.slurm.conftest import SlurmCluster
 from tests.unit.teacher_cache.test_run import build_token_store, run_cache, shard_files

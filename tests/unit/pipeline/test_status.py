@@ -18,9 +18,18 @@ import torch
 from kdpipe.pipeline.status import CacheStatus, RunStatus, cache_status, run_status, status
 from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.student_train.checkpoint import CHECKPOINTS_DIR, save_checkpoint
-from kdpipe.student_train.run import RUN_FORMAT, RUN_MANIFEST
-from kdpipe.student_train.trainer import METRICS_FILE
+from kdpipe.schemas.run_dir import (
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    RUN_FORMAT,
+    RUN_MANIFEST,
+    TRAINER_STATE_FILE,
+    checkpoint_damage,
+)
+from kdpipe.student_train.checkpoint import save_checkpoint
 from tests.unit.teacher_cache.test_store import make_manifest, write_cache
 
 ALL_SHARDS = ["train/00000", "train/00001", "train/00002", "val/00000"]  # make_manifest: 20 train + 5 val, 8 per shard
@@ -154,6 +163,43 @@ def test_last_metrics_line_of_a_long_file(tmp_path):
     assert sum(map(len, lines)) > 2 * (1 << 16)
     run = write_run_dir(tmp_path / "run", 5000, metrics=lines)
     assert run_status(run).last_metrics == {"step": 5000, "loss": 0.002}
+
+
+def _truncate(path: Path) -> None:
+    """Cut the last bytes off, as a copy or a write interrupted near its end does."""
+    path.write_bytes(path.read_bytes()[:-4])
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda ckpt: _truncate(ckpt / MODEL_FILE), "model.safetensors holds"),
+        (lambda ckpt: _truncate(ckpt / OPTIMIZER_FILE), "optimizer.pt is truncated"),
+        (lambda ckpt: (ckpt / RNG_FILE).unlink(), "rng.pt is missing"),
+        (lambda ckpt: (ckpt / TRAINER_STATE_FILE).write_text("{"), "trainer_state.json is not valid JSON"),
+    ],
+)
+def test_damaged_checkpoints_are_reported_and_not_counted(tmp_path, damage, reason):
+    only = write_run_dir(tmp_path / "only", 5, checkpoint_steps=(5,))
+    damage(only / CHECKPOINTS_DIR / "step-00000005")
+    result = run_status(only)
+    assert (result.checkpoint, result.steps_done) == (None, 0)
+    assert len(result.damaged) == 1 and result.damaged[0].startswith("step-00000005 (" + reason), result.damaged
+    assert result.problem().startswith(f"run {only} has a damaged checkpoint: step-00000005")
+    assert "delete it to resume from step 0" in result.problem()
+    assert f"  damaged checkpoints: {result.damaged[0]}" in result.text().splitlines()
+
+    newest = write_run_dir(tmp_path / "newest", 8, checkpoint_steps=(4, 8))
+    damage(newest / CHECKPOINTS_DIR / "step-00000008")
+    result = run_status(newest)
+    assert (result.checkpoint.name, result.steps_done) == ("step-00000004", 4)
+    assert "delete it to resume from step-00000004" in result.problem()
+
+
+def test_whole_checkpoints_are_not_damaged(tmp_path):
+    run = write_run_dir(tmp_path / "run", 2, checkpoint_steps=(1, 2))
+    assert all(checkpoint_damage(path) is None for path in (run / CHECKPOINTS_DIR).iterdir())
+    assert run_status(run).damaged == []
 
 
 # ---------------------------------------------------------------- bad paths

@@ -9,16 +9,15 @@ import torch
 from torch import nn
 
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.student_train.checkpoint import (
+from kdpipe.schemas.run_dir import (
     CHECKPOINTS_DIR,
     OPTIMIZER_FILE,
     RNG_FILE,
     TRAINER_STATE_FILE,
     complete_checkpoints,
     latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
 )
+from kdpipe.student_train.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _trained_state(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:

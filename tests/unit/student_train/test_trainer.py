@@ -19,13 +19,15 @@ from transformers import AutoModelForCausalLM
 from kdpipe.pipeline.prepare import prepare_data
 from kdpipe.schemas.cache_config import CacheTeacherConfig
 from kdpipe.schemas.prepare_config import PrepareDataConfig
+from kdpipe.schemas.run_dir import METRICS_FILE, OPTIMIZER_FILE, latest_checkpoint
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.builders import build_student
-from kdpipe.student_train.checkpoint import OPTIMIZER_FILE, latest_checkpoint
 from kdpipe.student_train.loader import StudentLoader
 from kdpipe.student_train.lrc import LRCStudent
 from kdpipe.student_train.run import train_student
-from kdpipe.student_train.trainer import METRICS_FILE, Callback, LossWeights, StudentLoss, Trainer
+from kdpipe.student_train.callbacks import Callback
+from kdpipe.student_train.student_loss import LossWeights, StudentLoss
+from kdpipe.student_train.trainer import Trainer
 from kdpipe.teacher_cache import open_cache
 from kdpipe.teacher_cache.run import cache_teacher
 

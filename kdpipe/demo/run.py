@@ -36,9 +36,9 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoConfig
 
+from kdpipe.demo.corpus import read_stdlib_sources, write_jsonl
+from kdpipe.demo.teacher import SUMMARY_FILE, DemoTeacherConfig, train_demo_teacher, train_demo_tokenizer
 from kdpipe.pipeline.corpus import CorpusReader, expand_inputs
-from kdpipe.pipeline.demo_corpus import read_stdlib_sources, write_jsonl
-from kdpipe.pipeline.demo_teacher import SUMMARY_FILE, DemoTeacherConfig, train_demo_teacher, train_demo_tokenizer
 from kdpipe.pipeline.packing import assign_val
 from kdpipe.pipeline.prepare import prepare_data
 from kdpipe.pipeline.report import RunMetrics, load_run, write_report
@@ -48,9 +48,10 @@ from kdpipe.schemas.config import to_dict
 from kdpipe.schemas.demo_config import RESUMABLE_CHANGES, DemoConfig
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.schemas.prepare_config import PrepareDataConfig
+from kdpipe.schemas.run_dir import RUN_MANIFEST
 from kdpipe.schemas.tokenizer import load_tokenizer
 from kdpipe.schemas.train_config import TrainStudentConfig
-from kdpipe.student_train.run import RUN_MANIFEST, train_student
+from kdpipe.student_train.run import train_student
 from kdpipe.teacher_cache.inspect import CacheStats, cache_stats
 from kdpipe.teacher_cache.run import cache_teacher
 

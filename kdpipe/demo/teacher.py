@@ -15,6 +15,9 @@ reproduces the run exactly with `minutes=None`. The budget is also a hard limit 
 training: if the machine slows down (other jobs on a shared CPU), the loop stops when the
 minutes are up, before the planned last step, and the summary says so (`steps` <
 `planned_steps`); evaluation and saving then add a few seconds.
+
+The optimisation is the student trainer's: its AdamW set-up (`student_train.optim`), its
+cosine `Schedule` with linear warm-up, and its ignore index for masked labels.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from kdpipe.pipeline.corpus import CorpusReader, expand_inputs
 from kdpipe.schemas.config import option, to_dict
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.schemas.token_store import TokenSplit, TokenStore
+from kdpipe.student_train.losses import IGNORE_INDEX
+from kdpipe.student_train.optim import adamw
+from kdpipe.student_train.schedules import Schedule
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 """BOS, EOS and pad, ids 0, 1, 2."""
@@ -50,8 +56,6 @@ SUMMARY_FILE = "teacher_summary.json"
 # (allocation, optimizer state creation) and are left out of the timing.
 _CALIBRATION_STEPS = 8
 _UNTIMED_STEPS = 3
-
-_IGNORE_INDEX = -100
 
 
 def train_demo_tokenizer(corpus_files: list[Path], out_dir: Path, vocab_size: int = 4096) -> Path:
@@ -236,7 +240,7 @@ def _load(split: TokenSplit, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     tokens_ST = torch.from_numpy(split.tokens(0, count).astype(np.int64))
     labels_ST = tokens_ST.clone()
     if split.num_padding and count == split.num_sequences:
-        labels_ST[-1, -split.num_padding :] = _IGNORE_INDEX
+        labels_ST[-1, -split.num_padding :] = IGNORE_INDEX
     return tokens_ST, labels_ST
 
 
@@ -256,20 +260,13 @@ def _batch_indices(num_sequences: int, batch_size: int, seed: int) -> Iterator[n
 
 
 def _optimizer(model: torch.nn.Module, config: DemoTeacherConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (decaying RMSNorm gains towards 0 only hurts)."""
-    matrices = [p for p in model.parameters() if p.ndim >= 2]
-    vectors = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+    return adamw(model, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95), eps=1e-8)
 
 
-def lr_factor(step: int, total_steps: int, warmup_fraction: float, min_lr_ratio: float) -> float:
-    """Learning rate of `step` (0-based) as a fraction of the peak: linear warm-up, then cosine to `min_lr_ratio`."""
-    warmup = max(1, round(warmup_fraction * total_steps))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def lr_schedule(config: DemoTeacherConfig, total_steps: int) -> Schedule:
+    """Linear warm-up over `warmup_fraction` of the steps (at least one), then cosine to `min_lr_ratio` of the peak."""
+    warmup = min(total_steps, max(1, round(config.warmup_fraction * total_steps)))
+    return Schedule(kind="cosine", peak=config.lr, total_steps=total_steps, warmup_steps=warmup, final_fraction=config.min_lr_ratio)
 
 
 def _step(
@@ -322,9 +319,7 @@ def _train(
 ) -> tuple[list[float], float]:
     """The training loop, stopped early at `deadline` (perf_counter time); returns every step's loss and the wall time."""
     optimizer = _optimizer(model, config)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps, config.warmup_fraction, config.min_lr_ratio)
-    )
+    schedule = lr_schedule(config, steps)
     batches = _batch_indices(len(train_ST), config.batch_size, config.seed)
     console = Console(stderr=True)
     progress = Progress(
@@ -341,8 +336,9 @@ def _train(
         for step in range(steps):
             rows = next(batches)
             tokens_BT = train_ST[rows]  # (B, T)
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.value(step)
             losses.append(_step(model, optimizer, tokens_BT, labels_ST[rows], config.grad_clip))
-            schedule.step()
             elapsed = time.perf_counter() - started
             progress.update(task, advance=1, loss=losses[-1], tokens_per_s=(step + 1) * tokens_BT.numel() / elapsed)
             if deadline is not None and time.perf_counter() > deadline:
@@ -362,9 +358,9 @@ def evaluate_loss(
         logits_BTV = model(input_ids=tokens_BT).logits
         labels_BT = labels_ST[start : start + batch_size, 1:]  # position t predicts t + 1
         total += torch.nn.functional.cross_entropy(
-            logits_BTV[:, :-1].flatten(0, 1).float(), labels_BT.flatten(), ignore_index=_IGNORE_INDEX, reduction="sum"
+            logits_BTV[:, :-1].flatten(0, 1).float(), labels_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         ).item()
-        count += int((labels_BT != _IGNORE_INDEX).sum())
+        count += int((labels_BT != IGNORE_INDEX).sum())
     model.train()
     return total / max(count, 1), count
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdpipe.pipeline.demo_corpus import (
+from kdpipe.demo.corpus import (
     MIN_DOCUMENT_BYTES,
     WHOLE_FILE_BYTES,
     _source_files,

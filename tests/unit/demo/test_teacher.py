@@ -11,13 +11,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from kdpipe.pipeline import demo_teacher
-from kdpipe.pipeline.demo_teacher import (
-    _IGNORE_INDEX,
+from kdpipe.demo import teacher as demo_teacher
+from kdpipe.demo.teacher import (
     SUMMARY_FILE,
     DemoTeacherConfig,
     _load,
-    lr_factor,
+    lr_schedule,
     train_demo_teacher,
     train_demo_tokenizer,
 )
@@ -25,6 +24,7 @@ from kdpipe.pipeline.prepare import prepare_data
 from kdpipe.schemas.errors import KdpipeError
 from kdpipe.schemas.prepare_config import PrepareDataConfig
 from kdpipe.schemas.token_store import TokenStore
+from kdpipe.student_train.losses import IGNORE_INDEX
 
 TINY = DemoTeacherConfig(
     hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, batch_size=8, lr=1e-2, eval_sequences=16,
@@ -129,10 +129,12 @@ def test_the_budget_plan_fits_the_machine(store, tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    factors = [lr_factor(step, 100, 0.05, 0.1) for step in range(100)]
-    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
-    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
-    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+    config = DemoTeacherConfig(lr=1e-3, warmup_fraction=0.05, min_lr_ratio=0.1)
+    rates = [lr_schedule(config, 100).value(step) / 1e-3 for step in range(100)]
+    assert rates[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    assert rates[-1] == pytest.approx(0.1)
+    assert lr_schedule(config, 1).value(0) == pytest.approx(1e-3)  # one step: warm-up of one step, at the peak
 
 
 def test_refuses_a_store_without_val_and_a_foreign_out_dir(corpus_file, store, tmp_path):
@@ -158,5 +160,5 @@ def test_only_the_padded_tail_is_masked_from_the_labels(corpus_file, store, tmp_
     num_padding = summary.splits["train"]["num_padding"]
     assert num_padding > 0
     tokens, labels = _load(split, split.num_sequences)
-    assert (labels[-1, -num_padding:] == _IGNORE_INDEX).all()
+    assert (labels[-1, -num_padding:] == IGNORE_INDEX).all()
     assert (labels[-1, :-num_padding] == tokens[-1, :-num_padding]).all() and (labels[:-1] == tokens[:-1]).all()

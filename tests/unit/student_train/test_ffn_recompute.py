@@ -91,7 +91,9 @@ def test_default_cache_stores_the_ffn_input_only_in_about_half_the_bytes(caches)
     for layer in a.snapshots:
         assert set(a.snapshots[layer]) == {"ffn_in"} and set(b.snapshots[layer]) == {"ffn_in", "ffn_out"}
         assert np.array_equal(a.snapshots[layer]["ffn_in"], b.snapshots[layer]["ffn_in"])
-    ratio = cache_stats(caches["input-only"]).snapshot_bytes_per_token / cache_stats(caches["with-output"]).snapshot_bytes_per_token
+    stats = {name: cache_stats(path) for name, path in caches.items()}
+    assert (stats["input-only"].snapshot_terms, stats["with-output"].snapshot_terms) == ("ffn_in", "ffn_in/ffn_out")
+    ratio = stats["input-only"].snapshot_bytes_per_token / stats["with-output"].snapshot_bytes_per_token
     assert 0.4 < ratio < 0.6, ratio
 
 

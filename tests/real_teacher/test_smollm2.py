@@ -241,7 +241,7 @@ def test_ffn_output_recomputed_from_the_cached_input_is_the_stored_one_to_bf16_p
         # The stored output is rounded once (<= 2^-8 per value); the recomputed one inherits the input's
         # rounding through the FFN: within a few bf16 roundings of each other and of float64.
         assert errors["stored vs float64"] < 2**-8, (layer, errors)
-        assert errors["recomputed vs float64"] < 2**-5 and errors["recomputed vs stored"] < 2**-5, (layer, errors)
+        assert errors["recomputed vs float64"] < 2**-6 and errors["recomputed vs stored"] < 2**-6, (layer, errors)
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from tests.vllm.conftest import VLLM_FAMILIES
 pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parents[2]
-SNAPSHOTS = dict(snapshot_layers="all", snapshot_fraction=0.25, snapshot_attention=True)
+SNAPSHOTS = dict(snapshot_layers="all", snapshot_fraction=0.25, snapshot_ffn_output=True, snapshot_attention=True)
 # Measured on these teachers (300-id vocabulary): at most 1 of 1664 positions (0.06%) has an rs-kd
 # draw moved by float noise. The fraction grows with the vocabulary: a draw moves where the two CDFs'
 # accumulated float difference exceeds the local step, i.e. in the long tail of tiny probabilities;
@@ -156,8 +156,8 @@ def test_job_array_task_resume_and_repair_with_vllm(tmp_path, both_caches, vllm_
     assert task.shards_written == total // 2
     damaged = next(p for p in (cf.shard_dir(out, "train", 1) / cf.ENTRIES).rglob("c/**/*") if p.is_file())
     damaged.write_bytes(damaged.read_bytes()[:-3] + b"xyz")
-    flags = ["--snapshot-layers", "all", "--snapshot-fraction", "0.25", "--snapshot-attention", "--sequences-per-shard", "8",
-             "--sequences-per-chunk", "4", "--batch-size", "4"]  # fmt: skip
+    flags = ["--snapshot-layers", "all", "--snapshot-fraction", "0.25", "--snapshot-ffn-output", "--snapshot-attention",
+             "--sequences-per-shard", "8", "--sequences-per-chunk", "4", "--batch-size", "4"]  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "kdpipe", "cache-teacher", "--teacher", str(teacher), "--tokens", str(store), "--out", str(out),
          "--backend", "vllm", "--repair", *flags],

@@ -34,7 +34,9 @@ class CacheTeacherConfig:
     top_p: float = option(0.95, "top-p-k: smallest most-probable prefix reaching this mass, before the top-k cap.")
     ghost: bool = option(True, "top-k / top-p-k: store the leftover probability mass per position as a ghost bucket.")
     snapshot_layers: str = option(
-        "every:4", "Layers whose FFN input (and optionally output) is snapshotted: 'none', 'all', 'every:N', or layers/ranges like '0,5,-1' or '2-5'."
+        "every:4",
+        "Layers whose FFN input (and optionally output) is snapshotted: 'none', 'all', 'every:N', "
+        "or layers/ranges like '0,5,-1' or '2-5'.",
     )
     snapshot_fraction: float = option(0.03125, "Fraction of positions per sequence that get snapshots (same positions for all layers).")
     snapshot_dtype: Literal["bf16", "fp8"] = option("bf16", "Snapshot storage: bf16 bits, or fp8 e4m3 with a per-vector scale.")

@@ -214,8 +214,8 @@ def build_manifest(
     """The manifest of the cache `config` describes.
 
     Options a mode does not use are recorded as neutral values (rs-kd: no k, p or ghost;
-    top-k modes: no draws; no snapshot layers: no fraction, no attention, the FFN output flag's default), so that a stray flag does not
-    make an identical cache look like another one.
+    top-k modes: no draws; no snapshot layers: no fraction, no attention, the FFN-output
+    flag's default), so that a stray flag does not make an identical cache look like another one.
     """
     info, seq_len = teacher.info, store.seq_len
     rs_kd = config.mode == "rs-kd"

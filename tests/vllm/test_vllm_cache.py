@@ -27,7 +27,7 @@ from kdpipe.schemas.cache_config import CacheTeacherConfig
 from kdpipe.teacher_cache import open_cache, verify_cache
 from kdpipe.teacher_cache.run import CacheSummary, cache_teacher
 from tests.unit.teacher_cache.test_run import FLOAT16_RTOL, dense_targets, shard_files
-from tests.vllm.compare import diff_caches
+from tests.vllm.compare import bf16_ulp, diff_caches
 from tests.vllm.conftest import VLLM_FAMILIES
 
 pytestmark = pytest.mark.vllm
@@ -142,6 +142,26 @@ def test_rs_kd_from_vllm_is_unbiased_against_a_float64_reference(both_caches, vl
         model.float()
     for name in classes:
         assert abs(error[name]) <= 4.5 * np.sqrt(variance[name]) + 1e-9, (name, error[name], np.sqrt(variance[name]))
+
+
+def test_default_snapshots_from_vllm_hold_the_ffn_input_only(tmp_path, both_caches, vllm_teacher, vllm_store):
+    """Without --snapshot-ffn-output the vLLM hooks keep the FFN input alone: the transformers backend's, up to float noise."""
+    family = "llama"
+    by_transformers, _ = both_caches(family)
+    out = tmp_path / "cache"
+    run(vllm_teacher(family)[0], vllm_store(family), out, backend="vllm", mode=MODES[family], snapshot_layers="all", snapshot_fraction=0.25)
+    bare, full = open_cache(out), open_cache(by_transformers)
+    assert bare.manifest.snapshot.terms == ("ffn_in",)
+    for split, index in bare.manifest.global_shards():
+        shard_a, shard_b = bare.open_shard(split, index), full.open_shard(split, index)
+        batch_a, batch_b = shard_a.read(0, shard_a.num_sequences), shard_b.read(0, shard_b.num_sequences)
+        np.testing.assert_array_equal(batch_a.snap_positions, batch_b.snap_positions)
+        for layer, terms in batch_a.snapshots.items():
+            assert set(terms) == {"ffn_in"}, layer
+            x_a, x_b = terms["ffn_in"], batch_b.snapshots[layer]["ffn_in"]
+            scale = np.abs(x_b).max(axis=-1, keepdims=True)  # (n, K, 1)
+            assert np.all(np.abs(x_a - x_b) <= bf16_ulp(np.maximum(np.abs(x_a), np.abs(x_b))) + MAX_SNAPSHOT_EXCESS * scale)
+    assert not verify_cache(out).bad
 
 
 def test_job_array_task_resume_and_repair_with_vllm(tmp_path, both_caches, vllm_teacher, vllm_store):

@@ -66,7 +66,7 @@ def measure(shape, root: Path, args: argparse.Namespace) -> dict[str, float]:
         for _ in range(repeats):
             llm.collective_rpc("kdpipe_remove_hooks")
             seconds["bare"].append(vllm_bare_forward(llm, store_dir, args))
-            encoder_plan.teacher.install_hooks([], attention=False)
+            encoder_plan.teacher.install_hooks([], ())
             seconds["sample"].append(bench.forward_and_sample(encoder_plan, args))
             for backend, config in configs.items():
                 seconds[backend].append(bench.run_cache(config).loop_s)

@@ -34,10 +34,17 @@ class CacheTeacherConfig:
     top_p: float = option(0.95, "top-p-k: smallest most-probable prefix reaching this mass, before the top-k cap.")
     ghost: bool = option(True, "top-k / top-p-k: store the leftover probability mass per position as a ghost bucket.")
     snapshot_layers: str = option(
-        "every:4", "Layers whose FFN input/output are snapshotted: 'none', 'all', 'every:N', or layers/ranges like '0,5,-1' or '2-5'."
+        "every:4",
+        "Layers whose FFN input (and optionally output) is snapshotted: 'none', 'all', 'every:N', "
+        "or layers/ranges like '0,5,-1' or '2-5'.",
     )
     snapshot_fraction: float = option(0.03125, "Fraction of positions per sequence that get snapshots (same positions for all layers).")
     snapshot_dtype: Literal["bf16", "fp8"] = option("bf16", "Snapshot storage: bf16 bits, or fp8 e4m3 with a per-vector scale.")
+    snapshot_ffn_output: bool = option(
+        False,
+        "Also store the FFN output of the selected layers (by default the trainer recomputes it from the FFN input "
+        "and the teacher weights, which halves the snapshot bytes).",
+    )
     snapshot_attention: bool = option(False, "Also snapshot the attention input and output of the selected layers.")
     seed: int = option(0, "Sampler seed (rs-kd draws are keyed by seed, split, sequence and position).")
     batch_size: int = option(8, "Sequences per teacher forward (speed and memory; on CPU the cache bytes do not depend on it).")

@@ -105,11 +105,16 @@ class SnapshotInfo:
     positions_per_sequence: int  # K
     dtype: Literal["bf16", "fp8"]
     attention: bool
+    ffn_output: bool = True
+    """Whether the FFN output is stored next to the FFN input. Without it the trainer recomputes
+    it from the FFN input and the frozen teacher weights. Manifests written before this field
+    existed stored it; True is left out of the fingerprint so that they keep theirs."""
 
     @property
     def terms(self) -> tuple[str, ...]:
         """Snapshot terms stored per layer, in storage order."""
-        return ("ffn_in", "ffn_out", "attn_in", "attn_out") if self.attention else ("ffn_in", "ffn_out")
+        ffn = ("ffn_in", "ffn_out") if self.ffn_output else ("ffn_in",)
+        return (*ffn, "attn_in", "attn_out") if self.attention else ffn
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -163,10 +168,13 @@ class CacheManifest:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON of the content-deciding fields (not the teacher's path, nor the producer)."""
+        """sha256 of the canonical JSON of the content-deciding fields (not the teacher's path, nor the producer;
+        `snapshot.ffn_output` only when False)."""
         data = to_dict(self)
         del data["teacher"]["path"]
         del data["producer"]
+        if self.snapshot.ffn_output:  # the content of every cache written before the field existed
+            del data["snapshot"]["ffn_output"]
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -143,6 +143,8 @@ class _CloneLayer(nn.Module):
         for name in HEAD_NORMS:
             norm = getattr(teacher_layer.self_attn, name, None)
             self.register_buffer(name, None if norm is None else norm.weight.detach(), persistent=False)
+        # The teacher FFN's activation (SiLU for these families), kept out of the module tree like the skeleton.
+        self.__dict__["teacher_act"] = teacher_layer.mlp.act_fn
         device = teacher_layer.self_attn.q_proj.weight.device
         self.input_norm = nn.Parameter(torch.full((spec.hidden_size,), _norm_init(spec), device=device))
         self.post_attention_norm = nn.Parameter(torch.full((spec.hidden_size,), _norm_init(spec), device=device))
@@ -152,6 +154,21 @@ class _CloneLayer(nn.Module):
 
     def teacher_bias(self, name: str) -> Tensor | None:
         return getattr(self, f"teacher_{name}_bias")
+
+    @torch.no_grad()
+    def teacher_ffn_output(self, ffn_in_BKD: Tensor) -> Tensor:
+        """The teacher FFN's output (B, K, d_T) float32 for its input: W_down·(act(W_gate·x) ⊙ W_up·x), in float32.
+
+        What a cache without stored FFN outputs leaves to the trainer: a few positions per
+        sequence, three matmuls each, no gradient.
+        """
+        x = ffn_in_BKD.float()
+
+        def linear(name: str, x: Tensor) -> Tensor:
+            bias = self.teacher_bias(name)
+            return F.linear(x, self.teacher_weight(name).float(), None if bias is None else bias.float())
+
+        return linear("down", self.__dict__["teacher_act"](linear("gate", x)) * linear("up", x))
 
     def weights(self) -> dict[str, Tensor]:
         """This layer's student weights in the teacher's dtype, keyed by HF names relative to the decoder layer."""
@@ -324,11 +341,12 @@ class LRCStudent(nn.Module):
         """Clone-loss targets of one layer from the teacher cache's snapshot at the capture positions.
 
         `snapshot` holds (B, K, d_T) teacher tensors: "ffn_in" (post-attention-norm hidden
-        state) and "ffn_out" (down-projection output), optionally "attn_in" (post-input-norm
+        state), optionally "ffn_out" (down-projection output), "attn_in" (post-input-norm
         hidden state) and "attn_out" (o-projection output). gate/up (and q/k/v) targets are
-        rebuilt exactly from the frozen teacher weights, without gradient; the ffn_out and
-        attn_out targets are the teacher outputs mapped into the student space by P_down and
-        P_o, and keep P's gradient (LRC trains P through both sides of those terms).
+        rebuilt exactly from the frozen teacher weights, without gradient, and so is the FFN
+        output (in float32) when the cache did not store it; the ffn_out and attn_out targets
+        are the teacher outputs mapped into the student space by P_down and P_o, and keep P's
+        gradient (LRC trains P through both sides of those terms).
         """
         clone = self.layers[layer]
         dtype = clone.teacher_down_weight.dtype
@@ -342,8 +360,11 @@ class LRCStudent(nn.Module):
                         clone.teacher_weight(term),
                         clone.teacher_bias(term),
                     )  # (B, K, out)
-        if "ffn_out" in snapshot:
-            targets["ffn_out"] = snapshot["ffn_out"].to(dtype) @ clone.proj["down"].to(dtype)  # (B, K, d_S)
+        ffn_out = snapshot.get("ffn_out")
+        if ffn_out is None and "ffn_in" in snapshot:
+            ffn_out = clone.teacher_ffn_output(snapshot["ffn_in"])  # (B, K, d_T)
+        if ffn_out is not None:
+            targets["ffn_out"] = ffn_out.to(dtype) @ clone.proj["down"].to(dtype)  # (B, K, d_S)
         if "attn_out" in snapshot:
             targets["attn_out"] = snapshot["attn_out"].to(dtype) @ clone.proj["o"].to(dtype)  # (B, K, d_S)
         return targets

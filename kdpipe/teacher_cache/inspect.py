@@ -141,6 +141,7 @@ class CacheStats:
     shards_missing: int
     logits_bytes_per_token: float  # num_entries, seq_entry_offsets, entries, ghost
     snapshot_bytes_per_token: float  # snap_positions and snap/*
+    snapshot_terms: str  # what each snapshotted layer stores: "ffn_in", "ffn_in/ffn_out", ...; "none"
     token_ids_bytes_per_token: float  # the tokens array
     total_bytes: int  # every file of the complete shards, metadata included
     mean_ids_per_position: float
@@ -207,6 +208,7 @@ def cache_stats(path: Path | str) -> CacheStats:
         shards_missing=len(missing),
         logits_bytes_per_token=logits_bytes / tokens,
         snapshot_bytes_per_token=snapshot_bytes / tokens,
+        snapshot_terms="/".join(cache.manifest.snapshot.terms) if cache.manifest.snapshot.layers else "none",
         token_ids_bytes_per_token=token_bytes / tokens,
         total_bytes=total_bytes,
         mean_ids_per_position=mean_ids,
@@ -226,6 +228,7 @@ def stats_table(stats: CacheStats) -> Table:
         ("shards complete / missing", f"{stats.shards_complete} / {stats.shards_missing}"),
         ("bytes per token, logits", f"{stats.logits_bytes_per_token:.2f}"),
         ("bytes per token, snapshots", f"{stats.snapshot_bytes_per_token:.2f}"),
+        ("snapshot terms per layer", stats.snapshot_terms),
         ("bytes per token, token ids", f"{stats.token_ids_bytes_per_token:.2f}"),
         ("total bytes", f"{stats.total_bytes:,}"),
         ("unique ids per position, mean", f"{stats.mean_ids_per_position:.2f}"),

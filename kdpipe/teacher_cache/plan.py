@@ -220,8 +220,8 @@ def build_manifest(
     """The manifest of the cache `config` describes.
 
     Options a mode does not use are recorded as neutral values (rs-kd: no k, p or ghost;
-    top-k modes: no draws; no snapshot layers: no fraction), so that a stray flag does not
-    make an identical cache look like another one.
+    top-k modes: no draws; no snapshot layers: no fraction, no attention, the FFN-output
+    flag's default), so that a stray flag does not make an identical cache look like another one.
     """
     info, seq_len = teacher.info, store.seq_len
     rs_kd = config.mode == "rs-kd"
@@ -243,6 +243,7 @@ def build_manifest(
             positions_per_sequence=positions.shape[1],
             dtype=config.snapshot_dtype,
             attention=config.snapshot_attention,
+            ffn_output=config.snapshot_ffn_output,
         )
     else:
         snapshot = SnapshotInfo(layers=[], fraction=0.0, positions_per_sequence=0, dtype="bf16", attention=False)

@@ -195,7 +195,7 @@ class BatchEncoder:
     def capturing(self) -> AbstractContextManager[None]:
         """The teacher's snapshot hooks, installed for the `with` block (nothing when the cache has no snapshots)."""
         snapshot = self.manifest.snapshot
-        return self.teacher.capturing(snapshot.layers, snapshot.attention) if snapshot.layers else nullcontext()
+        return self.teacher.capturing(snapshot.layers, snapshot.terms) if snapshot.layers else nullcontext()
 
     def encode(self, split: str, row_start: int, tokens_BT: np.ndarray) -> EncodedBatch:
         """Targets (and snapshots) of sequences `row_start, row_start + 1, ...` of `split`."""

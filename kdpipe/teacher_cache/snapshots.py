@@ -1,9 +1,10 @@
 """Snapshot capture: forward hooks that keep the selected teacher layers' FFN (and optional attention) activations.
 
 LRC clones the teacher's intermediate activations. kdpipe stores per selected layer only
-the FFN input (the post-attention-norm hidden state) and the FFN output (down-projection
-output); the trainer holds the frozen teacher weights and recomputes the gate and up
-targets as `W_gate·x_in` and `W_up·x_in`, 3.2× fewer bytes for identical targets.
+the FFN input (the post-attention-norm hidden state), and the FFN output (down-projection
+output) only when asked; the trainer holds the frozen teacher weights and recomputes the
+gate, up and FFN output targets as `W_gate·x_in`, `W_up·x_in` and
+`W_down·(act(W_gate·x_in) ⊙ W_up·x_in)`.
 Which layers and positions: `snapshot_positions`; how values are stored: `snapshot_codecs`
 (both re-exported here for existing callers).
 """
@@ -28,7 +29,7 @@ class SnapshotCapture:
 
     Usage::
 
-        with SnapshotCapture(teacher, layers=[0, 5], attention=False) as capture:
+        with SnapshotCapture(teacher, layers=[0, 5], attention=False, ffn_output=False) as capture:
             capture.set_positions(pos_BK)
             teacher.final_hidden(input_ids_BT)
             capture.captured[5]["ffn_in"]   # (B, K, d)
@@ -37,12 +38,13 @@ class SnapshotCapture:
     kept, never the (B, T, d) activations. Each `set_positions` clears what was captured.
     """
 
-    def __init__(self, teacher: TeacherModel, layers: list[int], *, attention: bool = False) -> None:
+    def __init__(self, teacher: TeacherModel, layers: list[int], *, attention: bool = False, ffn_output: bool = True) -> None:
         self.teacher = teacher
         self.layers = list(layers)
         self.attention = attention
+        self.ffn_output = ffn_output
         self.captured: dict[int, dict[str, torch.Tensor]] = {}
-        """layer → {"ffn_in", "ffn_out"[, "attn_in", "attn_out"]} → (B, K, d), in the model dtype."""
+        """layer → {"ffn_in"[, "ffn_out"][, "attn_in", "attn_out"]} → (B, K, d), in the model dtype."""
         self._positions_BK: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
 
@@ -75,7 +77,8 @@ class SnapshotCapture:
     def _ffn_hook(self, layer: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             self.captured[layer]["ffn_in"] = self._gather(args[0])
-            self.captured[layer]["ffn_out"] = self._gather(output)
+            if self.ffn_output:
+                self.captured[layer]["ffn_out"] = self._gather(output)
 
         return hook
 

@@ -26,7 +26,7 @@ from kdpipe.teacher_cache.snapshots import SnapshotCapture
 BackendName = Literal["transformers", "vllm"]
 
 Snapshots = dict[int, dict[str, torch.Tensor]]
-"""layer → {"ffn_in", "ffn_out"[, "attn_in", "attn_out"]} → (B, K, d) in the model dtype."""
+"""layer → {"ffn_in"[, "ffn_out"][, "attn_in", "attn_out"]} → (B, K, d) in the model dtype."""
 
 
 class TeacherBackend(Protocol):
@@ -49,8 +49,8 @@ class TeacherBackend(Protocol):
     def check_snapshot_layers(self, layers: list[int], attention: bool) -> None:
         """Raise KdpipeError now if these layers' FFN (and attention) modules cannot be hooked."""
 
-    def capturing(self, layers: list[int], attention: bool) -> contextlib.AbstractContextManager[None]:
-        """Snapshot hooks installed for the duration of the `with` block."""
+    def capturing(self, layers: list[int], terms: tuple[str, ...]) -> contextlib.AbstractContextManager[None]:
+        """Snapshot hooks for `terms` (of "ffn_in", "ffn_out", "attn_in", "attn_out") installed for the `with` block."""
 
     def forward(self, input_ids_BT: torch.Tensor, positions_BK: torch.Tensor | None) -> tuple[torch.Tensor, Snapshots]:
         """Final normed hidden states (B, T, d) and, inside `capturing`, snapshots at `positions_BK`."""
@@ -101,8 +101,8 @@ class TransformersBackend:
                 self.model.attention(layer)
 
     @contextlib.contextmanager
-    def capturing(self, layers: list[int], attention: bool) -> Iterator[None]:
-        with SnapshotCapture(self.model, layers, attention=attention) as capture:
+    def capturing(self, layers: list[int], terms: tuple[str, ...]) -> Iterator[None]:
+        with SnapshotCapture(self.model, layers, attention="attn_in" in terms, ffn_output="ffn_out" in terms) as capture:
             self._capture = capture
             try:
                 yield

@@ -132,7 +132,7 @@ class VllmBackend:
             raise KdpipeError(f"vLLM could not start teacher {root} ({_first_line(err)}); {_MEMORY_HINT} if it ran out of memory") from None
         softcap = getattr(text, "final_logit_softcapping", None)
         backend = cls(llm, info, (weight.to(device, dtype), None if bias is None else bias.to(device, dtype)), softcap)
-        backend.install_hooks([], attention=False)
+        backend.install_hooks([], ())
         return backend
 
     @property
@@ -152,14 +152,14 @@ class VllmBackend:
                 raise KdpipeError(error)
 
     @contextlib.contextmanager
-    def capturing(self, layers: list[int], attention: bool) -> Iterator[None]:
-        self.install_hooks(layers, attention)
+    def capturing(self, layers: list[int], terms: tuple[str, ...]) -> Iterator[None]:
+        self.install_hooks(layers, terms)
         self._capturing = True
         try:
             yield
         finally:
             self._capturing = False
-            self.install_hooks([], attention=False)
+            self.install_hooks([], ())
 
     def forward(self, input_ids_BT: torch.Tensor, positions_BK: torch.Tensor | None) -> tuple[torch.Tensor, Snapshots]:
         tokens_BT = input_ids_BT.to("cpu", torch.int64)
@@ -197,8 +197,8 @@ class VllmBackend:
         self.llm = None
         gc.collect()
 
-    def install_hooks(self, layers: list[int], attention: bool) -> None:
-        for error in self.llm.collective_rpc("kdpipe_install_hooks", args=(layers, attention)):
+    def install_hooks(self, layers: list[int], terms: tuple[str, ...]) -> None:
+        for error in self.llm.collective_rpc("kdpipe_install_hooks", args=(layers, list(terms))):
             if error:
                 raise KdpipeError(error)
 

@@ -15,9 +15,9 @@ activations, so either match is right) — no reliance on the order vLLM schedul
 
 Tensor parallelism: the final normed hidden states, the FFN input (the post-attention norm's
 output) and the attention input are computed from the residual stream, which every rank
-holds whole; the FFN output and attention output are taken after the row-parallel
-all-reduce of `down_proj` / `o_proj`. All are therefore replicated, and only rank 0
-returns them.
+holds whole; the FFN output (when the cache stores it) and the attention output are taken
+after the row-parallel all-reduce of `down_proj` / `o_proj`. All are therefore replicated,
+and only rank 0 returns them.
 
 This module imports nothing from vLLM: it finds modules by the attribute names vLLM's
 Llama, Qwen2, Qwen3 and Mistral implementations share (`model.layers[i].mlp`,
@@ -126,10 +126,11 @@ class CaptureExtension:
         """None if the hooks can be installed for these layers, else a one-line error."""
         return find_modules(self.get_model(), layers, attention)[2]  # type: ignore[attr-defined]
 
-    def kdpipe_install_hooks(self, layers: list[int], attention: bool) -> str | None:
-        """Replace any kdpipe hooks by ones for the final norm and these layers; None or an error line."""
+    def kdpipe_install_hooks(self, layers: list[int], terms: list[str]) -> str | None:
+        """Replace any kdpipe hooks by ones for the final norm and these layers' snapshot `terms`; None or an error line."""
         self.kdpipe_remove_hooks()
         model = self.get_model()  # type: ignore[attr-defined]
+        attention = "attn_in" in terms
         norm, blocks, error = find_modules(model, layers, attention)
         if error:
             return error
@@ -138,7 +139,7 @@ class CaptureExtension:
             norm.register_forward_hook(lambda module, args, output: self._kdpipe_keep(lambda c: c.keep_hidden(_first(output)))),
         ]
         for layer in layers:
-            handles.append(blocks[layer].mlp.register_forward_hook(self._kdpipe_ffn_hook(layer)))
+            handles.append(blocks[layer].mlp.register_forward_hook(self._kdpipe_ffn_hook(layer, "ffn_out" in terms)))
             if attention:
                 handles.append(blocks[layer].self_attn.register_forward_hook(self._kdpipe_attn_hook(layer), with_kwargs=True))
         self._kdpipe_handles = handles
@@ -181,11 +182,12 @@ class CaptureExtension:
         positions = kwargs["positions"] if "positions" in kwargs else args[1]
         self._kdpipe_keep(lambda c: c.start_step(input_ids, positions))
 
-    def _kdpipe_ffn_hook(self, layer: int) -> Any:
+    def _kdpipe_ffn_hook(self, layer: int, ffn_output: bool) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             def keep(capture: _Capture) -> None:
                 capture.keep_snapshot(f"{layer}/ffn_in", args[0])
-                capture.keep_snapshot(f"{layer}/ffn_out", _first(output))
+                if ffn_output:
+                    capture.keep_snapshot(f"{layer}/ffn_out", _first(output))
 
             self._kdpipe_keep(keep)
 

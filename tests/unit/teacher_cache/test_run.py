@@ -173,10 +173,17 @@ def test_top_k_modes_match_a_dense_reference_with_ghost_mass(tmp_path, tiny_teac
             assert batch.ghost[i, t] == pytest.approx(ghost, rel=2 * FLOAT16_RTOL, abs=1e-6)
 
 
-def test_snapshots_hold_the_teachers_ffn_input_and_output(llama, reference_cache):
-    """Stored bf16 snapshots equal the HF model's own MLP input/output at the stored positions."""
-    cache = open_cache(reference_cache)
-    batch = cache.open_shard("val", 0).read(0, 2)
+def test_snapshots_hold_the_teachers_ffn_input_and_output(tmp_path, llama, llama_store, reference_cache):
+    """Stored bf16 snapshots equal the HF model's own MLP input (and, when asked, output) at the stored positions."""
+    with_output = tmp_path / "with-output"
+    run_cache(llama.path, llama_store, with_output, snapshot_layers="all", snapshot_fraction=0.25, snapshot_ffn_output=True)
+    for cache_dir, terms in ((reference_cache, {"ffn_in"}), (with_output, {"ffn_in", "ffn_out"})):
+        batch = open_cache(cache_dir).open_shard("val", 0).read(0, 2)
+        assert all(set(stored) == terms for stored in batch.snapshots.values()), cache_dir
+        _check_snapshots_against_the_hf_mlp(llama, batch)
+
+
+def _check_snapshots_against_the_hf_mlp(llama, batch) -> None:
     captured: dict[tuple[int, str], torch.Tensor] = {}
     hooks = [
         layer.mlp.register_forward_hook(lambda mod, args, out, i=i: captured.update({(i, "ffn_in"): args[0], (i, "ffn_out"): out}))
@@ -188,6 +195,8 @@ def test_snapshots_hold_the_teachers_ffn_input_and_output(llama, reference_cache
             positions = batch.snap_positions[row]
             assert len(positions) == SEQ_LEN // 4 and np.all(np.diff(positions) > 0)
             for (layer, term), full_1TD in captured.items():
+                if term not in batch.snapshots[layer]:
+                    continue
                 expected = full_1TD[0, positions].to(torch.bfloat16).float().numpy()
                 np.testing.assert_array_equal(batch.snapshots[layer][term][row], expected)
     finally:

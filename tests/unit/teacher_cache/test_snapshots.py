@@ -190,6 +190,10 @@ def test_capture_keeps_only_selected_layers_and_removes_hooks(loaded):
         capture.set_positions(torch.tensor([[1, 2]]))
         assert capture.captured == {1: {}, 3: {}}  # a new batch starts clean
     assert all(not ffn._forward_hooks for ffn in ffns)
+    with SnapshotCapture(teacher, [1], ffn_output=False) as capture:  # the default cache content
+        capture.set_positions(torch.tensor([[0, 5]]))
+        teacher.final_hidden(_ids(1, 12))
+        assert set(capture.captured[1]) == {"ffn_in"}
 
 
 def test_capture_is_the_same_for_a_sequence_alone_or_in_a_batch(loaded):

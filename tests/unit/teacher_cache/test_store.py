@@ -36,7 +36,8 @@ VOCAB, HIDDEN, SEQ_LEN, K = 300, 8, 16, 3
 
 def make_manifest(
     *, mode: str = "rs-kd", ghost: bool = False, layers: tuple[int, ...] = (1,), snap_dtype: str = "bf16",
-    attention: bool = False, splits: dict[str, int] | None = None, seed: int = 0, teacher_path: str = "/teacher",
+    attention: bool = False, ffn_output: bool = True, splits: dict[str, int] | None = None, seed: int = 0,
+    teacher_path: str = "/teacher",
 ) -> CacheManifest:  # fmt: skip
     splits = splits or {"train": 20, "val": 5}
     num_draws, top_k, sps = 50, 6, 8
@@ -48,7 +49,8 @@ def make_manifest(
         ),  # fmt: skip
         token_store=TokenStoreInfo(fingerprint="store", seq_len=SEQ_LEN, splits=splits),
         sampler=SamplerInfo(mode=mode, num_draws=num_draws, temperature=1.0, top_k=top_k, top_p=0.9, ghost=ghost, seed=seed),
-        snapshot=SnapshotInfo(layers=list(layers), fraction=K / SEQ_LEN, positions_per_sequence=K, dtype=snap_dtype, attention=attention),
+        snapshot=SnapshotInfo(layers=list(layers), fraction=K / SEQ_LEN, positions_per_sequence=K, dtype=snap_dtype, attention=attention,
+                              ffn_output=ffn_output),
         layout=LayoutInfo(
             sequences_per_shard=sps, sequences_per_chunk=4,
             entry=EntryFormat(id_bits=layout.id_bits, value_bits=layout.value_bits, value_kind=layout.value_kind, bytes_per_entry=layout.bytes_per_entry),
@@ -195,8 +197,10 @@ def assert_batch_equals(batch, content: ShardContent, m: CacheManifest, start: i
         dict(mode="rs-kd", snap_dtype="bf16"),
         dict(mode="top-p-k", ghost=True, snap_dtype="fp8", attention=True, layers=(0, 1)),
         dict(mode="top-k", ghost=False, layers=()),
+        dict(mode="rs-kd", snap_dtype="bf16", ffn_output=False, layers=(0, 1)),
+        dict(mode="rs-kd", snap_dtype="fp8", ffn_output=False, attention=True),
     ],
-    ids=["rs-kd-bf16", "top-p-k-ghost-fp8-attn", "top-k-no-snapshots"],
+    ids=["rs-kd-bf16", "top-p-k-ghost-fp8-attn", "top-k-no-snapshots", "rs-kd-ffn-input-only", "fp8-no-ffn-output-attn"],
 )
 def test_round_trip(tmp_path, options):
     m = make_manifest(**options)
@@ -372,3 +376,18 @@ def test_reader_refuses_bad_manifests(tmp_path):
         open_cache(tmp_path)
     path.write_text(json.dumps(data))
     assert open_cache(tmp_path).manifest == make_manifest()
+
+
+def test_ffn_output_flag_is_in_the_fingerprint_only_when_false(tmp_path):
+    """Manifests written before `snapshot.ffn_output` existed stored the output and keep their fingerprint."""
+    with_output, input_only = make_manifest(), make_manifest(ffn_output=False)
+    assert with_output.snapshot.terms == ("ffn_in", "ffn_out") and input_only.snapshot.terms == ("ffn_in",)
+    assert make_manifest(attention=True, ffn_output=False).snapshot.terms == ("ffn_in", "attn_in", "attn_out")
+    assert with_output.fingerprint != input_only.fingerprint
+    data = json.loads(with_output.to_json())
+    del data["snapshot"]["ffn_output"]  # what an older kdpipe wrote, fingerprint included
+    assert CacheManifest.from_json(json.dumps(data), "old").snapshot.terms == ("ffn_in", "ffn_out")
+    data = json.loads(input_only.to_json())
+    data["snapshot"]["ffn_output"] = True  # a reader would look for arrays that are not there
+    with pytest.raises(KdpipeError, match="modified after it was written"):
+        CacheManifest.from_json(json.dumps(data), "m")

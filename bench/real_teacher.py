@@ -177,7 +177,7 @@ def held_out_eval(teacher: Path, exports: dict[str, Path], tokens_NT: torch.Tens
 
     def forward(model: torch.nn.Module, dtype: torch.dtype, row_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final hidden states before the last position, and the LM head, both in `dtype`."""
-        hidden_TD = model.model(row_T[None]).last_hidden_state[0, :-1].to(dtype)
+        hidden_TD = model.get_decoder()(input_ids=row_T[None]).last_hidden_state[0, :-1].to(dtype)
         return hidden_TD, model.get_output_embeddings().weight.to(dtype)
 
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float64, attn_implementation="eager").eval()
@@ -262,7 +262,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, help="HF teacher directory (default: `kdpipe real-teacher`'s SmolLM2, converted if needed)")
     parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
-    parser.add_argument("--tokens", type=int, default=40960, help="training tokens per student (equal budget)")
+    parser.add_argument("--tokens", type=int, default=32768, help="training tokens per student (equal budget)")
     parser.add_argument("--hidden-size", type=int, default=288, help="the students' width d_S")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--val-fraction", type=float, default=0.2)

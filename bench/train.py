@@ -2,6 +2,9 @@
 
     python bench/train.py [--quick] [--json PATH]   # small Llama-shaped teacher on CPU, one torch thread
 
+    python bench/train.py --teacher smollm2 --hidden-size 288 --untied-head --seq-len 512 --batch-size 2 \
+        --sequences 16 --rounds 5 --warmup 1               # the real SmolLM2-135M teacher (~10 min)
+
 (bench/gpu.py runs the same steps on a GPU with Qwen2.5-3B / LRC-1.7B shapes.)
 
 Measured in one run, step by step in alternation (each round runs one optimizer step of
@@ -29,6 +32,8 @@ configurations can alternate step by step on a shared machine.
 The teacher has random weights with its LM head sharpened so rs-kd draws ~12 unique ids per
 position (as `bench/cache.py` does, whose teacher and token store builders are reused here);
 the token store holds random ids, cached by `cache_teacher` with the default snapshots.
+With `--teacher DIR|smollm2`, a saved teacher with real weights instead (`smollm2`: the
+packaged SmolLM2-135M-Instruct), on standard-library code (`bench/cache.py`'s text store).
 """
 
 from __future__ import annotations

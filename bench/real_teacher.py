@@ -105,17 +105,18 @@ def kdpipe(*args: object) -> float:
     return time.perf_counter() - started
 
 
-def write_corpus(path: Path) -> Path:
-    """The standard-library modules of `MODULES` as a JSON-lines corpus, one document each."""
+def write_corpus(path: Path, num_modules: int = len(MODULES)) -> Path:
+    """The first `num_modules` standard-library modules of `MODULES` as a JSON-lines corpus, one document each."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    lines = [json.dumps({"text": f"# {name}.py\n" + (stdlib / f"{name}.py").read_text(encoding="utf-8")}) for name in MODULES]
+    names = MODULES[:num_modules]
+    lines = [json.dumps({"text": f"# {name}.py\n" + (stdlib / f"{name}.py").read_text(encoding="utf-8")}) for name in names]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
 def build_data(work: Path, teacher: Path, args: argparse.Namespace) -> dict[str, float]:
     """Token store and the two caches (re-running on an existing WORK reuses them); their wall seconds."""
-    corpus = write_corpus(work / "corpus.jsonl")
+    corpus = write_corpus(work / "corpus.jsonl", args.modules)
     seconds = {
         "prepare-data": kdpipe("prepare-data", corpus, "--tokenizer", teacher, "--out", work / "tokens", "--seq-len", args.seq_len,
                                "--val-fraction", args.val_fraction),
@@ -258,13 +259,15 @@ def plot(path: Path, trained: dict[str, dict[str, object]], teacher_loss: float,
     plt.close(figure)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options; `run(build_parser().parse_args([...]))` is the whole bench for another entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, help="HF teacher directory (default: `kdpipe real-teacher`'s SmolLM2, converted if needed)")
     parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
     parser.add_argument("--tokens", type=int, default=32768, help="training tokens per student (equal budget)")
     parser.add_argument("--hidden-size", type=int, default=288, help="the students' width d_S")
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--modules", type=int, default=len(MODULES), help=f"corpus: the first N of {len(MODULES)} standard-library modules")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=4, help="steps between held-out evaluations (the loss curve)")
@@ -275,7 +278,11 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="keep stores, caches and runs here; a re-run reuses them (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/real-teacher"), help="results.md and results.json go here")
     parser.add_argument("--plot", type=Path, default=Path("docs/real_teacher_curves.png"))
-    args = parser.parse_args()
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """Data, caches, students, held-out eval; prints the table, writes OUT/results.{md,json} and the plot; the summary."""
     torch.set_num_threads(args.threads)
     teacher = args.teacher or gguf_teacher_dir("smollm2")
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-real-") as tmp:
@@ -299,7 +306,7 @@ def main() -> None:
         seconds["held-out eval"] = time.perf_counter() - eval_started
         seconds["total"] = time.perf_counter() - started
     header = (
-        f"SmolLM2-135M-Instruct teacher; students d_S {args.hidden_size} (30 layers, untied head), "
+        f"teacher {teacher.name}; students d_S {args.hidden_size} (the teacher's depth and FFN width, untied head), "
         f"{args.tokens:,} training tokens each (batch {args.batch_size} x {args.seq_len}); "
         f"held-out: {num_held_out} x {args.seq_len} tokens of the val split, float64 teacher reference; "
         f"CPU, {torch.get_num_threads()} torch threads"
@@ -317,8 +324,13 @@ def main() -> None:
         "wall_seconds": seconds,
     }
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    plot(args.plot, trained, results["teacher"]["lm_loss"], f"SmolLM2-135M → d_S {args.hidden_size}, equal tokens")
+    plot(args.plot, trained, results["teacher"]["lm_loss"], f"{teacher.name} → d_S {args.hidden_size}, equal tokens")
     print(f"wrote {args.out}/results.md, results.json and {args.plot}")
+    return summary
+
+
+def main() -> None:
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=4, help="steps between held-out evaluations (the loss curve)")
     parser.add_argument("--eval-batches", type=int, default=2)
-    parser.add_argument("--held-out", type=int, default=8, help="held-out sequences of the table's float64 reference")
+    parser.add_argument("--held-out", type=int, default=8, help="held-out sequences of the table's float64 reference (0: train and export only, "
+                        "e.g. students in parallel processes sharing --work, then one run of all for the table)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--work", type=Path, help="keep stores, caches and runs here; a re-run reuses them (default: a temp dir)")
@@ -297,6 +298,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             seconds[f"train+export {name}"] = time.perf_counter() - run_started
             print(f"{name}: {trained[name]['tokens']} tokens, {trained[name]['tokens_per_s']:.0f} tokens/s", flush=True)
         trained = {name: trained[name] for name in args.students}
+        if args.held_out == 0:  # students trained and exported in WORK; a later run with the rest makes the table
+            return {"students": {n: {k: v for k, v in run.items() if k != "export"} for n, run in trained.items()}}
         store = TokenStore.open(work / "tokens")
         val = store.split("val")
         num_held_out = min(args.held_out, val.num_sequences)

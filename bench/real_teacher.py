@@ -1,6 +1,6 @@
 """A quality table from a real teacher: SmolLM2-135M-Instruct distilled into students at equal tokens.
 
-    python bench/real_teacher.py                      # the README's table: ~20 min alone on 2 CPU cores
+    python bench/real_teacher.py                      # 7 students x 24,576 tokens: ~18 min alone on 2 CPU cores (estimate)
     python bench/real_teacher.py --tokens 10240 --students plain_lm lrc_kd_shared   # a quick look
 
 Every other table in this repository comes from teachers kdpipe built itself; this one runs
@@ -25,6 +25,14 @@ ids (not the cache's estimate), expected calibration error and top-1 accuracy
 (`EvalAccumulator`, the metrics `train-student` logs), training tokens/s (median over the
 logged steps). The teacher's own LM loss and ECE on the same positions are the floor. The
 loss curve is each student's held-out LM loss logged by `train-student --eval-every`.
+
+Budget: the default, 24,576 tokens per student (12 steps of 4 x 512), is about the most that fits
+20 minutes on an otherwise idle 2-core CPU, from rates measured there: cache-teacher ~480 tokens/s
+(two caches of 61K tokens, ~4.3 min), LRC d_S 288 training ~230 tokens/s, the plain student ~1.4x
+faster (CPU seconds per step in `bench/train.py --teacher smollm2`): 4 x 24,576 / 230 + 3 x 24,576 / 330
+s = 7.1 + 3.7 min, plus the evaluations, ~18 min in all (an estimate from those rates, not one timed run).
+On a busy machine, `--held-out 0` trains and exports only, so students can run in parallel processes
+sharing one `--work`; a last run naming all of them reuses their exports and makes the table.
 
 Writes OUT/results.md, OUT/results.json and the plot (`--plot`, a PNG).
 """
@@ -264,13 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", type=Path, help="HF teacher directory (default: `kdpipe real-teacher`'s SmolLM2, converted if needed)")
     parser.add_argument("--students", nargs="+", choices=list(STUDENTS), default=list(STUDENTS))
-    parser.add_argument("--tokens", type=int, default=32768, help="training tokens per student (equal budget)")
+    parser.add_argument("--tokens", type=int, default=24576, help="training tokens per student (equal budget)")
     parser.add_argument("--hidden-size", type=int, default=288, help="the students' width d_S")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--modules", type=int, default=len(MODULES), help=f"corpus: the first N of {len(MODULES)} standard-library modules")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--eval-every", type=int, default=4, help="steps between held-out evaluations (the loss curve)")
+    parser.add_argument("--eval-every", type=int, default=3, help="steps between held-out evaluations (the loss curve)")
     parser.add_argument("--eval-batches", type=int, default=2)
     parser.add_argument("--held-out", type=int, default=8, help="held-out sequences of the table's float64 reference (0: train and export only, "
                         "e.g. students in parallel processes sharing --work, then one run of all for the table)")

@@ -252,7 +252,7 @@ def plot(path: Path, trained: dict[str, dict[str, object]], teacher_loss: float,
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    figure, axes = plt.subplots(figsize=(9, 4.5), dpi=120)
     for name, run in trained.items():
         tokens, losses = zip(*run["curve"]) if run["curve"] else ((), ())
         style = "-" if STUDENTS[name].kind == "lrc" else "--"
@@ -260,7 +260,7 @@ def plot(path: Path, trained: dict[str, dict[str, object]], teacher_loss: float,
     axes.axhline(teacher_loss, color="black", linewidth=0.8, linestyle=":", label=f"teacher {teacher_loss:.2f}")
     axes.set(xlabel="training tokens", ylabel="held-out LM loss (nats/token)", title=title)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="upper right")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

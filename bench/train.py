@@ -2,6 +2,9 @@
 
     python bench/train.py [--quick] [--json PATH]   # small Llama-shaped teacher on CPU, one torch thread
 
+    python bench/train.py --teacher smollm2 --hidden-size 288 --untied-head --seq-len 512 --batch-size 2 \
+        --sequences 16 --rounds 5 --warmup 1               # the real SmolLM2-135M teacher (~10 min)
+
 (bench/gpu.py runs the same steps on a GPU with Qwen2.5-3B / LRC-1.7B shapes.)
 
 Measured in one run, step by step in alternation (each round runs one optimizer step of
@@ -29,6 +32,8 @@ configurations can alternate step by step on a shared machine.
 The teacher has random weights with its LM head sharpened so rs-kd draws ~12 unique ids per
 position (as `bench/cache.py` does, whose teacher and token store builders are reused here);
 the token store holds random ids, cached by `cache_teacher` with the default snapshots.
+With `--teacher DIR|smollm2`, a saved teacher with real weights instead (`smollm2`: the
+packaged SmolLM2-135M-Instruct), on standard-library code (`bench/cache.py`'s text store).
 """
 
 from __future__ import annotations
@@ -126,14 +131,25 @@ def result_row(metric: str, value: float, goal: str | None, unit: str) -> dict[s
 
 
 def build_cache(root: Path, args: argparse.Namespace) -> Path:
-    """Teacher, token store and cache (default snapshots: every 4th layer, 1/32 of positions)."""
+    """Teacher, token store and cache (default snapshots: every 4th layer, 1/32 of positions).
+
+    With --teacher, that saved teacher on standard-library code (bench/cache.py's text store);
+    else a random-weight teacher of --config on random ids.
+    """
     bench_cache = load_cache_bench()
-    teacher_dir, store_dir, cache_dir = root / "teacher", root / "store", root / "cache"
-    bench_cache.build_teacher(teacher_dir, args.config, args.device, args.seq_len)
-    vocab = json.loads((teacher_dir / "config.json").read_text())["vocab_size"]
-    bench_cache.build_store(store_dir, teacher_dir, args.seq_len, args.sequences, vocab)
+    store_dir, cache_dir = root / "store", root / "cache"
+    if args.teacher:
+        args.teacher_dir = bench_cache.real_shape(args.teacher).teacher
+    else:
+        args.teacher_dir = root / "teacher"
+        bench_cache.build_teacher(args.teacher_dir, args.config, args.device, args.seq_len)
+    vocab = json.loads((args.teacher_dir / "config.json").read_text())["vocab_size"]
+    if args.teacher:
+        bench_cache.build_text_store(store_dir, args.teacher_dir, args.seq_len, args.sequences, vocab)
+    else:
+        bench_cache.build_store(store_dir, args.teacher_dir, args.seq_len, args.sequences, vocab)
     config = CacheTeacherConfig(
-        teacher=teacher_dir, tokens=store_dir, out=cache_dir, device=args.device, batch_size=args.batch_size,
+        teacher=args.teacher_dir, tokens=store_dir, out=cache_dir, device=args.device, batch_size=args.batch_size,
         sequences_per_shard=args.sequences, sequences_per_chunk=args.batch_size,
     )  # fmt: skip
     cache_teacher(config, console=Console(file=io.StringIO()))
@@ -158,7 +174,8 @@ def build_runs(root: Path, cache_dir: Path, args: argparse.Namespace) -> dict[st
     """Every configuration of `RUNS`; the plain ones on the LRC student's exported config."""
     ctx = init_distributed(args.device)
     plain_config = root / "plain-student.json"
-    options = dict(hidden_size=args.hidden_size, plain_config=plain_config, batch_size=args.batch_size, device=args.device)
+    options = dict(hidden_size=args.hidden_size, plain_config=plain_config, batch_size=args.batch_size, device=args.device,
+                   tie_embeddings=False if args.untied_head else None)  # fmt: skip
     trainers = {"lrc_lm": build_run("lrc_lm", root, cache_dir, ctx, **options)}
     # The exported architecture: the LRC student's own HF config (d_S, explicit head_dim).
     plain_config.write_text(json.dumps(trainers["lrc_lm"].module.student.config.to_dict(), default=str))
@@ -248,7 +265,7 @@ def report(times: dict[str, dict[str, list[float]]], args: argparse.Namespace, t
     wall = {name: statistics.median(clocks["wall"]) for name, clocks in times.items()}
     cpu = {name: statistics.median(clocks["cpu"]) for name, clocks in times.items()}
     student = trainers["lrc_lm"].module.student
-    teacher = json.loads((cache_dir.parent / "teacher" / "config.json").read_text())
+    teacher = json.loads((args.teacher_dir / "config.json").read_text())
     trainable = {name: sum(p.numel() for p in t.module.parameters() if p.requires_grad) for name, t in trainers.items()}
     manifest = open_cache(cache_dir).manifest
     lines = [
@@ -256,6 +273,7 @@ def report(times: dict[str, dict[str, list[float]]], args: argparse.Namespace, t
         f"device {args.device}, {torch.get_num_threads()} torch thread(s), float32",
         f"teacher: {teacher['model_type']}, hidden {teacher['hidden_size']}, intermediate {teacher['intermediate_size']}, "
         f"{teacher['num_hidden_layers']} layers, vocab {teacher['vocab_size']}; student d_S {student.config.hidden_size} "
+        f"{'untied' if args.untied_head else 'tied as the teacher'} head "
         f"(trainable params: LRC {trainable['lrc_lm'] / 1e6:.2f}M, plain {trainable['plain_lm'] / 1e6:.2f}M); "
         f"cache: rs-kd, snapshots of layers {list(manifest.snapshot.layers)} at 1/32 of positions; "
         f"batch {args.batch_size} x seq {args.seq_len}; median of {args.rounds} rotating rounds after {args.warmup} warm-up",
@@ -292,6 +310,10 @@ def main() -> None:
     quick.add_argument("--quick", action="store_true")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[quick])
     parser.add_argument("--config", type=Path, help="HF config.json of the teacher shape (default: Llama, hidden 256, vocab 8000)")
+    parser.add_argument("--teacher", metavar="DIR|smollm2",
+                        help="a saved teacher instead (real weights, on standard-library code); smollm2: the packaged "
+                        "SmolLM2-135M-Instruct, e.g. with --hidden-size 288 --untied-head --seq-len 512 --batch-size 2")  # fmt: skip
+    parser.add_argument("--untied-head", action="store_true", help="LRC student with its own LM head (--no-tie-embeddings)")
     parser.add_argument("--hidden-size", type=int, default=128, help="the LRC student's d_S")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seq-len", type=int, default=128)

@@ -122,6 +122,58 @@ def test_train_bench_writes_its_ratios(tmp_path: Path) -> None:
     assert loader[3] == f"{ratios['loader batches/s / LRC KD+LM+clone steps/s (CPU s)']:.1f}x"
 
 
+def test_cache_and_train_benches_measure_a_saved_teacher_on_text(tmp_path: Path, tiny_teacher_dir) -> None:
+    """`--teacher DIR`: a saved teacher (SmolLM2 in BENCHMARKS.md; the tiny one here) on standard-library code, real goals."""
+    teacher = tiny_teacher_dir("llama")
+    out = tmp_path / "cache.json"
+    done = run_script("bench/cache.py", "--shapes", "--quick", "--threads", 1, "--seq-len", 64, "--teacher", teacher, "--json", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {row["metric"]: row for row in json.loads(out.read_text())["rows"]}
+    for row in rows.values():
+        assert_wellformed(row)
+        assert row["metric"].startswith(f"{teacher.name}: "), row
+    name = teacher.name
+    assert rows[f"{name}: cache-teacher / bare forward, CPU time, default snapshots"]["goal"] == "<= 1.10"
+    assert rows[f"{name}: logits on disk"]["goal"] == "<= 25"
+    snapshots = rows[f"{name}: snapshots on disk (default: every 4th layer, 1/32 of positions)"]
+    assert snapshots["goal"] == "<= 250"
+    verdict = "met" if snapshots["value"] <= 250 else "NOT met"
+    assert f"snapshots on disk, default cache: {snapshots['value']:.1f} bytes/token (goal <= 250: {verdict})" in done.stdout
+
+    out = tmp_path / "train.json"
+    done = run_script("bench/train.py", "--quick", "--sequences", 8, "--rounds", 2, "--seq-len", 64, "--hidden-size", 32,
+                      "--untied-head", "--teacher", teacher, "--json", out)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    ratios = {row["metric"]: row["value"] for row in json.loads(out.read_text())["rows"]}
+    lrc = ratios["train step LRC KD+LM+clone / plain exported arch LM-only (CPU s)"]
+    assert f"| {lrc:.2f} | <= 1.25 |" in done.stdout and "student d_S 32 untied head" in done.stdout
+
+
+def test_real_teacher_bench_writes_its_table_curves_and_verdicts(tmp_path: Path, tiny_teacher_dir) -> None:
+    """bench/real_teacher.py end to end on the tiny teacher (the README's table uses SmolLM2): every student, a few steps."""
+    out = tmp_path / "out"
+    done = run_script("bench/real_teacher.py", "--teacher", tiny_teacher_dir("llama"), "--modules", 4, "--val-fraction", 0.5, "--seq-len", 64,
+                      "--hidden-size", 32, "--tokens", 512, "--batch-size", 2, "--eval-every", 2, "--eval-batches", 1,
+                      "--held-out", 2, "--threads", 1, "--work", tmp_path / "work", "--out", out, "--plot", out / "curves.png")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    bench = load_bench("real_teacher")
+    assert set(summary["results"]) == {"teacher", *bench.STUDENTS}
+    teacher = summary["results"]["teacher"]
+    assert teacher["kl"] == 0 and 0 < teacher["lm_loss"] < math.log(4096) + 1
+    for name, result in summary["results"].items():
+        assert all(math.isfinite(result[key]) for key in ("lm_loss", "kl", "ece", "accuracy")), (name, result)
+        if name != "teacher":
+            assert result["kl"] > 0, (name, result)  # a student a few steps in is not the teacher
+            run = summary["students"][name]
+            assert run["tokens"] == 512 and run["tokens_per_s"] > 0 and [t for t, _ in run["curve"]] == [256, 512]
+    table = (out / "results.md").read_text()
+    assert table in done.stdout
+    assert f"| {bench.STUDENTS['lrc_clone_shared'].label} | {summary['results']['lrc_clone_shared']['lm_loss']:.3f} |" in table
+    assert sum(line.startswith("goal (") for line in table.splitlines()) == 2  # one verdict per LRC init
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_summary_section_goes_first_and_is_replaced_in_place() -> None:
     suite = load_bench("suite")
     document = "# Benchmarks\n\nIntro.\n\n## prepare-data\n\nA\n\n### detail\n\nB\n\n## train-student\n\nC\n"

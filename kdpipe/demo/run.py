@@ -47,6 +47,7 @@ from kdpipe.schemas.cache_config import CacheTeacherConfig
 from kdpipe.schemas.config import to_dict
 from kdpipe.schemas.demo_config import RESUMABLE_CHANGES, DemoConfig
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.out_dir import check_writable_dir
 from kdpipe.schemas.prepare_config import PrepareDataConfig
 from kdpipe.schemas.run_dir import RUN_MANIFEST
 from kdpipe.schemas.tokenizer import load_tokenizer
@@ -122,6 +123,7 @@ def run_demo(config: DemoConfig, *, console: Console | None = None) -> DemoSumma
     console = console or Console()
     started = time.perf_counter()
     out = Path(config.out)
+    check_writable_dir(out, "--out")
     _claim_out_dir(config, out)
     previous_threads = torch.get_num_threads()
     if config.threads is not None:

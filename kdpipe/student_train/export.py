@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from kdpipe.schemas.cache_format import CacheManifest
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.out_dir import check_writable_dir
 from kdpipe.schemas.run_dir import RUN_MANIFEST, latest_checkpoint, read_run_config, read_run_manifest
 from kdpipe.student_train.builders import PlainStudent, Student, build_plain, build_student
 from kdpipe.student_train.checkpoint import load_checkpoint
@@ -58,6 +59,7 @@ def export_run(run_dir: Path, out: Path, *, dtype: str = "float32") -> Path:
     config = read_run_config(run_dir)
     if Path(out).exists():
         raise KdpipeError(f"export directory {out} already exists; remove it or choose another --out")
+    check_writable_dir(Path(out), "--out", beside=True)  # built next to `out`, then renamed into place
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
         raise KdpipeError(f"run {run_dir} has no complete checkpoint yet; train it until it writes one, then export")

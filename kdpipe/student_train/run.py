@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.out_dir import check_writable_dir
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.builders import PlainStudent, build_student
 from kdpipe.student_train.callbacks import Callback, ProgressBar
@@ -50,6 +52,7 @@ def build_trainer(
     """Everything a run needs, built in order; `loader` replaces the cache's train loader if given."""
     cache = open_cache(config.cache)
     cache.require_complete()
+    check_writable_dir(Path(config.out), "--out")
     check_student(config, cache.manifest)  # config files only: before the teacher loads and the run dir is written
     resuming = check_run_dir(config, cache, ctx)
     ctx.barrier()  # every rank has looked at the run directory before rank 0 writes to it

@@ -86,6 +86,7 @@ class TrainSummary:
     """What `fit` did."""
 
     run_dir: Path
+    start_step: int  # where this call began: the resumed checkpoint's step, else 0
     step: int
     total_steps: int
     tokens: int
@@ -107,8 +108,14 @@ class TrainSummary:
                 f"stopped by {self.stop_signal} at step {self.step}/{self.total_steps}{loss}; checkpoint written, "
                 f"continue with --resume (exit status {PREEMPTED_EXIT_CODE})"
             )
+        if self.start_step == self.step:
+            return (
+                f"run {self.run_dir} already finished all {self.total_steps} steps, nothing to train; "
+                f"export it with `kdpipe export-student {self.run_dir} --out DIR`"
+            )
+        resumed = f" (resumed at step {self.start_step})" if self.start_step else ""
         return (
-            f"trained {self.step} steps ({self.tokens:,} tokens) into {self.run_dir} in {self.wall_s:.1f} s{loss}{evaluated}; "
+            f"trained {self.step} steps{resumed} ({self.tokens:,} tokens) into {self.run_dir} in {self.wall_s:.1f} s{loss}{evaluated}; "
             f"export with `kdpipe export-student {self.run_dir} --out DIR`"
         )
 
@@ -145,6 +152,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE, enabled=ctx.is_main)
         self.step = 0
+        self._start_step = 0
         self.tokens = 0
         self.epoch = 0
         self.last_train: dict[str, Any] | None = None
@@ -178,6 +186,7 @@ class Trainer:
 
     def fit(self) -> TrainSummary:
         self._restore()
+        self._start_step = self.step
         previous = self._install_signal_handlers()
         try:
             for callback in self.callbacks:
@@ -361,6 +370,7 @@ class Trainer:
     def _summary(self, *, preempted: bool) -> TrainSummary:
         return TrainSummary(
             run_dir=self.run_dir,
+            start_step=self._start_step,
             step=self.step,
             total_steps=self.total_steps,
             tokens=self.tokens,

@@ -356,6 +356,19 @@ def status_check_truncated_only_checkpoint(ws: Workspace) -> Scenario:
     return Scenario(["status", run, "--check"], (run, "damaged checkpoint", "step-00000003", "model.safetensors"))
 
 
+def train_read_only_out(ws: Workspace) -> Scenario:
+    read_only = ws.read_only_dir()
+    out = read_only / "run"
+    args = ["train-student", "--cache", ws.art.cache, "--out", out, "--steps", "1", "--hidden-size", "32", "--num-workers", "0"]
+    return Scenario(args, (out, "cannot write into", read_only), (out,))
+
+
+def demo_read_only_out(ws: Workspace) -> Scenario:
+    read_only = ws.read_only_dir()
+    out = read_only / "demo"
+    return Scenario(["demo", "--out", out], (out, "cannot write into", read_only), (out,))
+
+
 CASES: dict[str, Callable[[Workspace], Scenario]] = {
     case.__name__: case
     for case in (
@@ -393,6 +406,8 @@ CASES: dict[str, Callable[[Workspace], Scenario]] = {
         report_non_numeric_metrics,
         report_not_a_run,
         train_not_a_cache,
+        train_read_only_out,
+        demo_read_only_out,
         train_infinite_lr,
         status_check_truncated_only_checkpoint,
     )

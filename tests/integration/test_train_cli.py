@@ -70,6 +70,9 @@ def test_train_then_export_gives_a_standard_model_with_the_students_logits(work,
     done = kdpipe(*train_args(work, tmp_path / "run", "--steps", 3, "--eval-every", 3))
     assert done.returncode == 0, done.stderr
     assert "trained 3 steps" in done.stdout
+    again = kdpipe(*train_args(work, tmp_path / "run", "--steps", 3, "--eval-every", 3, "--resume"))
+    assert again.returncode == 0, again.stderr
+    assert "already finished all 3 steps, nothing to train" in " ".join(again.stdout.split())
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "run.json", METRICS_FILE, "checkpoints"}
     assert json.loads((run / "run.json").read_text())["cache"]["fingerprint"] == json.loads((work / "cache" / "manifest.json").read_text())["fingerprint"]

@@ -17,10 +17,10 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from kdpipe.schemas.config import from_dict, to_dict
-from kdpipe.schemas.errors import KdpipeError, describe_json_error
+from kdpipe.schemas.errors import KdpipeError, parse_json
 
 FORMAT_NAME = "kdpipe.teacher_cache"
 # Schema 2 (this writer): `entries` is (E, bytes_per_entry) uint8, stored byte-plane-major per
@@ -187,10 +187,7 @@ class CacheManifest:
     @classmethod
     def from_json(cls, text: str, where: str) -> CacheManifest:
         """Parse and validate `manifest.json` text; `where` names the file in errors."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise KdpipeError(f"{where} is not valid JSON ({describe_json_error(err)}); the cache is damaged, rebuild it") from None
+        data = parse_json(text, where, "the cache is damaged, rebuild it")
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             raise KdpipeError(f"{where} is not a kdpipe teacher-cache manifest; point to a directory written by `kdpipe cache-teacher`")
         version = data.get("schema_version")
@@ -248,10 +245,7 @@ class ShardRecord:
     @classmethod
     def from_json(cls, text: str, where: str) -> ShardRecord:
         """Parse `complete.json` text; `where` names the file in errors."""
-        try:
-            data: Any = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise KdpipeError(f"{where} is not valid JSON ({describe_json_error(err)}); run `kdpipe verify` and redo the shard") from None
+        data = parse_json(text, where, "run `kdpipe verify` and redo the shard")
         if not isinstance(data, dict):
             raise KdpipeError(f"{where} is not a shard completion record; run `kdpipe verify` and redo the shard")
         return from_dict(cls, data, where=where)

@@ -6,6 +6,7 @@ invariants use `assert`; everything a user can cause raises this.
 """
 
 import json
+from typing import Any
 
 
 class KdpipeError(ValueError):
@@ -23,3 +24,11 @@ def describe_json_error(err: json.JSONDecodeError) -> str:
         return f"it ends early, at line {text.count(chr(10)) + 1}: truncated"
     msg = err.msg.removesuffix(" starting at")
     return f"{msg} at line {err.lineno}, column {err.colno}"
+
+
+def parse_json(text: str, where: object, remedy: str) -> Any:
+    """`json.loads(text)`, or a one-line `KdpipeError`: "`where` is not valid JSON (what is wrong); `remedy`"."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise KdpipeError(f"{where} is not valid JSON ({describe_json_error(err)}); {remedy}") from None

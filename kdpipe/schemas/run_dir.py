@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from kdpipe.schemas.config import from_dict
-from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.errors import KdpipeError, parse_json
 from kdpipe.schemas.train_config import TrainStudentConfig
 
 CONFIG_FILE = "config.yaml"
@@ -66,10 +66,7 @@ def read_run_manifest(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_MANIFEST
     if not path.is_file():
         raise KdpipeError(f"{run_dir} is not a train-student run (no {RUN_MANIFEST}); pass the --out of `kdpipe train-student`")
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise KdpipeError(f"{path} is not valid JSON ({err.msg}); the run directory is damaged") from None
+    run = parse_json(path.read_text(encoding="utf-8"), path, "the run directory is damaged")
     if run.get("format") != RUN_FORMAT:
         raise KdpipeError(f"{path} is not a kdpipe run manifest; pass the --out of `kdpipe train-student`")
     return run

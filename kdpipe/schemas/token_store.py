@@ -42,7 +42,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from kdpipe.schemas.checksums import file_crc32c
-from kdpipe.schemas.errors import KdpipeError, describe_json_error
+from kdpipe.schemas.errors import KdpipeError, parse_json
 
 FORMAT = "kdpipe.token_store"
 SCHEMA_VERSION = 1
@@ -265,9 +265,7 @@ class TokenStore:
         if not manifest_path.is_file():
             raise KdpipeError(f"{path} is not a complete kdpipe token store (no manifest.json); {rebuild}")
         try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise KdpipeError(f"{manifest_path} is not valid JSON ({describe_json_error(err)}); {rebuild}") from None
+            manifest = parse_json(manifest_path.read_text(encoding="utf-8"), manifest_path, rebuild)
         except UnicodeDecodeError:
             raise KdpipeError(f"{manifest_path} is not UTF-8 text; {rebuild}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -16,7 +16,6 @@ with the nearest accepted ones.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from kdpipe.schemas.cache_format import CacheManifest
-from kdpipe.schemas.errors import KdpipeError, describe_json_error
+from kdpipe.schemas.errors import KdpipeError, parse_json
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.lrc import SUPPORTED_MODEL_TYPES, student_config
 
@@ -112,10 +111,7 @@ def read_student_config(path: Path) -> PretrainedConfig:
         path = path / "config.json"
     if not path.is_file():
         raise KdpipeError(f"student config {path} does not exist; pass a Hugging Face config.json")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise KdpipeError(f"student config {path} is not valid JSON ({describe_json_error(err)}); fix the file") from None
+    data = parse_json(path.read_text(encoding="utf-8"), f"student config {path}", "fix the file")
     if not isinstance(data, dict) or "model_type" not in data:
         raise KdpipeError(f"student config {path} has no model_type; write a Hugging Face config.json such as a model's own")
     model_type = data.pop("model_type")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from kdpipe.pipeline.prepare import prepare_data
 from kdpipe.schemas import cache_format as cf

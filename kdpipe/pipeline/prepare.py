@@ -16,7 +16,6 @@ tokenization instead of adding to it.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import itertools
 import json
@@ -38,7 +37,7 @@ from kdpipe.pipeline.corpus import CorpusReader, DocumentBatch, InputFile, expan
 from kdpipe.pipeline.packing import PackedSequences, PlacedDocuments, SequencePacker, assign_val
 from kdpipe.schemas.config import to_dict, write_resolved
 from kdpipe.schemas.errors import KdpipeError
-from kdpipe.schemas.out_dir import check_writable_dir
+from kdpipe.schemas.out_dir import check_writable_dir, free_bytes, is_disk_full
 from kdpipe.schemas.prepare_config import PrepareDataConfig
 from kdpipe.schemas.token_store import FORMAT, SCHEMA_VERSION, SPLIT_NAMES, TokenStore, TokenStoreWriter
 from kdpipe.schemas.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -136,9 +135,9 @@ def prepare_data(config: PrepareDataConfig) -> PrepareSummary:
         _move_into_place(build_dir, out)
     except BaseException as err:
         shutil.rmtree(build_dir, ignore_errors=True)
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(err):
             raise KdpipeError(
-                f"out of disk space (or quota) writing token store {out}: {shutil.disk_usage(out.parent).free:,} bytes free; "
+                f"out of disk space (or quota) writing token store {out}: {free_bytes(out):,} bytes free; "
                 "free space and re-run the same command"
             ) from None
         raise

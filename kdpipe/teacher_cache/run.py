@@ -19,7 +19,6 @@ kernels for other batch shapes: on GPU keep one `batch_size` for all tasks of a 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import shutil
 import time
@@ -35,13 +34,12 @@ from kdpipe.schemas import cache_format as cf
 from kdpipe.schemas.cache_config import CacheTeacherConfig
 from kdpipe.schemas.config import write_resolved
 from kdpipe.schemas.errors import KdpipeError
+from kdpipe.schemas.out_dir import free_bytes, is_disk_full
 from kdpipe.teacher_cache.plan import CachePlan, TaskShard, plan_cache
 from kdpipe.teacher_cache.sampling import SparseTargets, sample_rs_kd, select_top_k, select_top_p_k
 from kdpipe.teacher_cache.snapshots import encode_bf16, encode_fp8, snapshot_positions
 from kdpipe.teacher_cache.writer import BackgroundShardWriter, EncodedBatch, fixed_point_mass_sum, write_manifest
 
-# errnos of a full file system or an exhausted quota (EDQUOT: cluster file systems with per-user quotas).
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 # Top-level shard entries per reported category, as `kdpipe inspect` splits them.
 _LOGITS_TOPS = (cf.NUM_ENTRIES, cf.SEQ_ENTRY_OFFSETS, cf.ENTRIES, cf.GHOST)
 _SNAPSHOT_TOPS = (cf.SNAP_POSITIONS, cf.SNAP_GROUP)
@@ -99,7 +97,7 @@ def cache_teacher(config: CacheTeacherConfig, *, console: Console | None = None)
     try:
         _write_cache(plan, summary, console)
     except OSError as err:
-        if err.errno not in _DISK_FULL:
+        if not is_disk_full(err):
             raise
         raise _disk_full_error(plan, summary) from None
     finally:
@@ -140,8 +138,7 @@ def _disk_full_error(plan: CachePlan, summary: CacheSummary) -> KdpipeError:
     The space still needed is extrapolated from the shards this run completed, when there are any.
     """
     out = Path(plan.config.out)
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
+    free = free_bytes(out)
     left = len(plan.pending) + summary.shards_repaired - summary.shards_written - summary.shards_taken
     need = ""
     if summary.shards_written:

@@ -37,8 +37,9 @@ from rich.table import Table
 from transformers import AutoConfig
 
 from kdpipe.demo.corpus import read_stdlib_sources, write_jsonl
-from kdpipe.demo.teacher import SUMMARY_FILE, DemoTeacherConfig, train_demo_teacher, train_demo_tokenizer
+from kdpipe.demo.teacher import SUMMARY_FILE, DemoTeacherConfig, evaluate_loss, load_split, train_demo_teacher, train_demo_tokenizer
 from kdpipe.pipeline.corpus import CorpusReader, expand_inputs
+from kdpipe.pipeline.gguf_teacher import GGUF_TEACHERS, gguf_teacher_dir
 from kdpipe.pipeline.packing import assign_val
 from kdpipe.pipeline.prepare import prepare_data
 from kdpipe.pipeline.report import RunMetrics, load_run, write_report
@@ -50,13 +51,16 @@ from kdpipe.schemas.errors import KdpipeError
 from kdpipe.schemas.out_dir import check_writable_dir
 from kdpipe.schemas.prepare_config import PrepareDataConfig
 from kdpipe.schemas.run_dir import RUN_MANIFEST
+from kdpipe.schemas.token_store import TokenStore
 from kdpipe.schemas.tokenizer import load_tokenizer
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.run import train_student
+from kdpipe.student_train.validate import check_lrc_width, half_lrc_width
 from kdpipe.teacher_cache.inspect import CacheStats, cache_stats
 from kdpipe.teacher_cache.run import cache_teacher
 
 CONFIG_FILE = "demo_config.yaml"
+TEACHER_LOSS_FILE = "teacher_val_loss.json"
 _EVALS_PER_RUN = 8
 
 
@@ -138,9 +142,12 @@ def _run_stages(config: DemoConfig, out: Path, console: Console, started: float)
     """corpus → teacher → student token store → the two caches → four students → report, in this order."""
     train_path, val_path = _corpus(config, out / "corpus", console)
     teacher_dir, teacher_val_loss = _teacher(config, out, train_path, val_path, console)
+    width = _student_width(config, teacher_dir, console)
     student_train_path = _student_documents(config, teacher_dir, train_path, out / "corpus" / "student_train.jsonl", console)
     student_tokens = out / "student_tokens"
     _prepare(config, [student_train_path, val_path], teacher_dir, student_tokens, console)
+    if teacher_val_loss is None:
+        teacher_val_loss = _given_teacher_loss(teacher_dir, student_tokens, out / TEACHER_LOSS_FILE, console)
 
     rs_kd = out / "cache_rs_kd"
     _cache(config, teacher_dir, student_tokens, rs_kd, mode="rs-kd", top_k=None, console=console)
@@ -151,11 +158,11 @@ def _run_stages(config: DemoConfig, out: Path, console: Console, started: float)
     caches = {"rs-kd": rs_kd, "top-k": top_k_cache}
     stats = {"rs-kd": rs_kd_stats, "top-k": cache_stats(top_k_cache)}
 
-    plain_config = _plain_student_config(config, teacher_dir, out / "runs" / "plain_student_config.json")
+    plain_config = _plain_student_config(teacher_dir, width, out / "runs" / "plain_student_config.json")
     run_dirs = []
     for name, _, cache_mode, kind in _STUDENTS:
         run_dir = out / "runs" / name
-        _train(_student_config(config, name, kind, caches[cache_mode], run_dir, plain_config), console)
+        _train(_student_config(config, name, kind, width, caches[cache_mode], run_dir, plain_config), console)
         run_dirs.append(run_dir)
 
     report = write_report(run_dirs, out / "report")
@@ -214,9 +221,17 @@ def _corpus(config: DemoConfig, corpus_dir: Path, console: Console) -> tuple[Pat
 def _teacher(config: DemoConfig, out: Path, train_path: Path, val_path: Path, console: Console) -> tuple[Path, float | None]:
     """The user's teacher, or the demo's: tokenizer, whole-corpus token store, then a few minutes of training."""
     if config.teacher is not None:
-        if not (Path(config.teacher) / "config.json").is_file():
-            raise KdpipeError(f"--teacher {config.teacher} is not a Hugging Face model directory (no config.json)")
-        return Path(config.teacher), None
+        teacher = Path(config.teacher)
+        if not teacher.exists() and str(teacher) in GGUF_TEACHERS:
+            console.print(f"teacher: {teacher} (packaged; converting it on first use)", highlight=False)
+            teacher = gguf_teacher_dir(str(teacher))
+            console.print(f"teacher: {teacher}", highlight=False)
+        if not (teacher / "config.json").is_file():
+            raise KdpipeError(
+                f"--teacher {config.teacher} is not a Hugging Face model directory (no config.json) nor a packaged "
+                f"teacher ({', '.join(GGUF_TEACHERS)})"
+            )
+        return teacher, None
     teacher_dir = out / "teacher"
     if (teacher_dir / SUMMARY_FILE).is_file():
         summary = json.loads((teacher_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
@@ -238,6 +253,36 @@ def _teacher(config: DemoConfig, out: Path, train_path: Path, val_path: Path, co
     )
     console.print(summary.text(), highlight=False, soft_wrap=True)
     return teacher_dir, summary.val_loss
+
+
+def _student_width(config: DemoConfig, teacher: Path, console: Console) -> int:
+    """--student-hidden-size, or half the teacher's width; refused now, before any caching, if the family rejects it."""
+    teacher_config = AutoConfig.from_pretrained(str(teacher)).get_text_config()
+    width = config.student_hidden_size or half_lrc_width(teacher_config)
+    try:
+        check_lrc_width(teacher_config, width, None)
+    except KdpipeError as err:
+        raise KdpipeError(str(err).replace("--hidden-size", "--student-hidden-size")) from None
+    if config.student_hidden_size is None:
+        console.print(f"students: width {width}, half the teacher's {teacher_config.hidden_size}", highlight=False)
+    return width
+
+
+def _given_teacher_loss(teacher: Path, tokens: Path, path: Path, console: Console) -> float:
+    """A given teacher's held-out LM loss on the students' val split (float32), computed once and kept in `path`."""
+    if path.is_file():
+        return float(json.loads(path.read_text(encoding="utf-8"))["val_loss"])
+    from transformers import AutoModelForCausalLM
+
+    val = TokenStore.open(tokens).split("val")
+    tokens_ST, labels_ST = load_split(val, val.num_sequences)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    with torch.no_grad():
+        loss, count = evaluate_loss(model, tokens_ST, labels_ST, batch_size=4)
+    del model
+    path.write_text(json.dumps({"val_loss": loss, "val_tokens": count}) + "\n", encoding="utf-8")
+    console.print(f"teacher: held-out LM loss {loss:.3f} on {count:,} val tokens", highlight=False)
+    return loss
 
 
 def _student_documents(config: DemoConfig, tokenizer_dir: Path, train_path: Path, out_path: Path, console: Console) -> Path:
@@ -281,39 +326,38 @@ def _cache(
     sampler = {"num_draws": config.num_draws} if rs_kd else {"top_k": top_k, "ghost": True}
     cache_config = CacheTeacherConfig(
         teacher=teacher, tokens=tokens, out=out, mode=mode, **sampler,  # type: ignore[arg-type]
-        snapshot_layers="all" if rs_kd else "none", snapshot_fraction=config.snapshot_fraction,
+        snapshot_fraction=config.snapshot_fraction,
+        # The demo teacher's 4 layers all, a given teacher's default subset (8 of SmolLM2's 30): each costs clone-loss time.
+        **({"snapshot_layers": "all"} if rs_kd and config.teacher is None else {} if rs_kd else {"snapshot_layers": "none"}),
         seed=config.seed, device="cpu", sequences_per_shard=128,
     )  # fmt: skip
     cache_teacher(cache_config, console=console)
 
 
-def _plain_student_config(config: DemoConfig, teacher: Path, path: Path) -> Path:
+def _plain_student_config(teacher: Path, width: int, path: Path) -> Path:
     """The teacher's config at the student width: the shape an LRC student exports to (explicit head_dim)."""
     teacher_config = AutoConfig.from_pretrained(str(teacher)).get_text_config()
-    if config.student_hidden_size >= teacher_config.hidden_size:
-        raise KdpipeError(
-            f"--student-hidden-size {config.student_hidden_size} must be below the teacher's hidden size "
-            f"{teacher_config.hidden_size}: students are smaller"
-        )
     student = teacher_config.to_dict()
     student["head_dim"] = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // teacher_config.num_attention_heads
-    student["hidden_size"] = config.student_hidden_size
+    student["hidden_size"] = width
     student["model_type"] = teacher_config.model_type
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(student, indent=2, default=str) + "\n", encoding="utf-8")
     return path
 
 
-def _student_config(config: DemoConfig, name: str, kind: str, cache: Path, run_dir: Path, plain_config: Path) -> TrainStudentConfig:
+def _student_config(
+    config: DemoConfig, name: str, kind: str, width: int, cache: Path, run_dir: Path, plain_config: Path
+) -> TrainStudentConfig:
     """One student's run: same tokens, batch, schedule and seed for all; only the losses and the student differ."""
     tokens_per_step = config.student_batch_size * config.seq_len
     steps = max(1, math.ceil(config.student_tokens / tokens_per_step))
     kd = 0.0 if name == "lm_only" else config.kd_alpha
     return TrainStudentConfig(
         cache=cache, out=run_dir, student=kind,  # type: ignore[arg-type]
-        hidden_size=config.student_hidden_size if kind == "lrc" else None,
+        hidden_size=width if kind == "lrc" else None,
         student_config=plain_config if kind == "plain" else None,
-        steps=steps, batch_size=config.student_batch_size, lr=config.student_lr, lr_schedule="wsd",
+        steps=steps, batch_size=config.student_batch_size, lr=config.lrc_lr if kind == "lrc" else config.student_lr, lr_schedule="wsd",
         warmup_steps=max(1, steps // 20), lm_weight=1.0 if name == "lm_only" else 1.0 - config.kd_alpha, kd_weight=kd,
         clone_weight=config.clone_weight if kind == "lrc" else 0.0,
         eval_every=max(1, steps // _EVALS_PER_RUN), eval_batches=config.eval_batches, log_every=max(1, steps // 100),

@@ -183,8 +183,8 @@ def train_demo_teacher(
         raise KdpipeError(
             f"token store {store.path} has no validation sequences; rebuild it with `prepare-data --val-fraction 0.05`"
         )
-    train_ST, train_labels_ST = _load(train_split, train_split.num_sequences)  # demo stores are small: all in memory
-    val_ST, val_labels_ST = _load(val_split, min(config.eval_sequences, val_split.num_sequences))
+    train_ST, train_labels_ST = load_split(train_split, train_split.num_sequences)  # demo stores are small: all in memory
+    val_ST, val_labels_ST = load_split(val_split, min(config.eval_sequences, val_split.num_sequences))
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
@@ -231,7 +231,7 @@ def _model_config(store: TokenStore, config: DemoTeacherConfig) -> LlamaConfig:
     )
 
 
-def _load(split: TokenSplit, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(split: TokenSplit, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `count` sequences of a split and their labels `(S, T)` (the model shifts labels itself).
 
     Padding only ever fills the end of a split's last sequence (`num_padding`), so exactly

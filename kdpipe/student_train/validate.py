@@ -72,15 +72,9 @@ def check_lrc_width(teacher_config: PretrainedConfig, hidden_size: int, tie_embe
             f"use a {', '.join(SUPPORTED_MODEL_TYPES)} teacher or a plain student"
         )
     d_T = teacher_config.hidden_size
-    head_dim = getattr(teacher_config, "head_dim", None) or d_T // teacher_config.num_attention_heads
-    tie = bool(teacher_config.tie_word_embeddings) if tie_embeddings is None else tie_embeddings
 
     def problem(width: int) -> str | None:
-        try:
-            student_config(teacher_config, width, head_dim, tie)
-        except _CONFIG_ERRORS as err:
-            return _problem(err)
-        return None
+        return lrc_width_problem(teacher_config, width, tie_embeddings)
 
     if not 1 <= hidden_size < d_T:
         widest = nearest_accepted(lambda w: problem(w) is None, d_T - 1, low=1, high=d_T - 1)
@@ -95,6 +89,27 @@ def check_lrc_width(teacher_config: PretrainedConfig, hidden_size: int, tie_embe
             f"--hidden-size {hidden_size}: transformers refuses a {model_type} student of that width ({refused}); "
             f"nearest valid widths: {', '.join(map(str, near))}"
         )
+
+
+def lrc_width_problem(teacher_config: PretrainedConfig, hidden_size: int, tie_embeddings: bool | None) -> str | None:
+    """Why the teacher family's config refuses an LRC student of width `hidden_size`, or None if it accepts it."""
+    head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // teacher_config.num_attention_heads
+    tie = bool(teacher_config.tie_word_embeddings) if tie_embeddings is None else tie_embeddings
+    try:
+        student_config(teacher_config, hidden_size, head_dim, tie)
+    except _CONFIG_ERRORS as err:
+        return _problem(err)
+    return None
+
+
+def half_lrc_width(teacher_config: PretrainedConfig, tie_embeddings: bool | None = None) -> int:
+    """Half the teacher's width, or the nearest width below it that the family accepts (SmolLM2: 288)."""
+    half = max(1, teacher_config.hidden_size // 2)
+
+    def accepts(width: int) -> bool:
+        return lrc_width_problem(teacher_config, width, tie_embeddings) is None
+
+    return nearest_accepted(accepts, half, low=1, high=teacher_config.hidden_size - 1)[0]
 
 
 def nearest_accepted(accepts: Callable[[int], bool], width: int, *, low: int, high: int) -> list[int]:

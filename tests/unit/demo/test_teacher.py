@@ -15,7 +15,7 @@ from kdpipe.demo import teacher as demo_teacher
 from kdpipe.demo.teacher import (
     SUMMARY_FILE,
     DemoTeacherConfig,
-    _load,
+    load_split,
     lr_schedule,
     train_demo_teacher,
     train_demo_tokenizer,
@@ -159,6 +159,6 @@ def test_only_the_padded_tail_is_masked_from_the_labels(corpus_file, store, tmp_
     split = TokenStore.open(padded).split("train")
     num_padding = summary.splits["train"]["num_padding"]
     assert num_padding > 0
-    tokens, labels = _load(split, split.num_sequences)
+    tokens, labels = load_split(split, split.num_sequences)
     assert (labels[-1, -num_padding:] == IGNORE_INDEX).all()
     assert (labels[-1, :-num_padding] == tokens[-1, :-num_padding]).all() and (labels[:-1] == tokens[:-1]).all()

@@ -14,7 +14,7 @@ from kdpipe.schemas.errors import KdpipeError
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.builders import build_plain
 from kdpipe.student_train.lrc import LRCSpec, LRCStudent
-from kdpipe.student_train.validate import check_lrc_width, check_student, nearest_accepted
+from kdpipe.student_train.validate import check_lrc_width, check_student, half_lrc_width, nearest_accepted
 from tests.unit.teacher_cache.test_store import SEQ_LEN, VOCAB, make_manifest
 
 LRC_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -68,6 +68,15 @@ def test_refused_width_names_the_nearest_valid_ones(tiny_teacher):
         check_lrc_width(config, 30, None)
     with pytest.raises(KdpipeError, match="narrower than its teacher .hidden size 64.; the widest valid one is 60$"):
         check_lrc_width(config, 64, None)
+
+
+def test_half_width_is_the_nearest_accepted_width_at_or_below_half(tiny_teacher):
+    config = AutoConfig.from_pretrained(tiny_teacher("llama").path)  # 4 heads, hidden 64
+    assert half_lrc_width(config) == 32
+    config.hidden_size = 60  # half is 30, which 4 heads refuse
+    assert half_lrc_width(config) == 28
+    config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim = 576, 9, 3, 64  # SmolLM2
+    assert half_lrc_width(config) == 288
 
 
 def test_an_lrc_student_of_an_unsupported_family_is_refused_from_its_config(tiny_teacher, tmp_path):

@@ -9,6 +9,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# make demo distils the packaged real teacher (~13 min on 2 cores); DEMO_ARGS= runs the demo's own small teacher (~7 min).
+DEMO_ARGS ?= --teacher smollm2
 
 .PHONY: install install-vllm test test-vllm test-fast demo bench clean
 

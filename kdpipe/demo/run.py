@@ -7,7 +7,8 @@ Stages, each skipped when its output is already complete (so a killed demo resum
     OUT/tokens/        token store of the whole corpus                } the demo trains its own
     OUT/teacher/       small Llama trained on it for --teacher-minutes } teacher
     OUT/student_tokens/  token store of the first documents holding --student-tokens, + the same val
-    OUT/cache_rs_kd/   rs-kd cache of student_tokens, with FFN snapshots of every layer
+    OUT/teacher_val_loss.json  only with --teacher: its held-out LM loss on that val split (the floor)
+    OUT/cache_rs_kd/   rs-kd cache of student_tokens, with FFN snapshots (every layer of the demo teacher)
     OUT/cache_top_k/   top-k cache, k = rs-kd's mean unique ids per position (comparable logit storage)
     OUT/runs/{lm_only, top_k_kd, rs_kd_kd, lrc_clone_rs_kd}
     OUT/report/        report.md, loss_curves.png, calibration.png
@@ -18,6 +19,10 @@ same shape an LRC student exports to (student width, teacher depth, heads and FF
 randomly initialised; (d) is an LRC student built from the frozen teacher with the clone
 loss. KL to teacher is measured against each run's own cache: (a), (c) and (d) share the
 rs-kd cache and are comparable; (b) is measured against its top-k targets.
+
+`--teacher` takes a Hugging Face directory or a packaged teacher's name (`smollm2`,
+converted once by `kdpipe.pipeline.gguf_teacher`); the students' width, budget and learning
+rates then follow `GIVEN_TEACHER` in `kdpipe.schemas.demo_config`.
 """
 
 from __future__ import annotations
@@ -223,9 +228,8 @@ def _teacher(config: DemoConfig, out: Path, train_path: Path, val_path: Path, co
     if config.teacher is not None:
         teacher = Path(config.teacher)
         if not teacher.exists() and str(teacher) in GGUF_TEACHERS:
-            console.print(f"teacher: {teacher} (packaged; converting it on first use)", highlight=False)
-            teacher = gguf_teacher_dir(str(teacher))
-            console.print(f"teacher: {teacher}", highlight=False)
+            name, teacher = str(teacher), gguf_teacher_dir(str(teacher))  # converted once (~30 s), then reused
+            console.print(f"teacher: {name}, packaged, at {teacher}", highlight=False)
         if not (teacher / "config.json").is_file():
             raise KdpipeError(
                 f"--teacher {config.teacher} is not a Hugging Face model directory (no config.json) nor a packaged "
@@ -324,12 +328,12 @@ def _cache(
     """rs-kd with FFN snapshots of every layer (LRC clone targets), or top-k without snapshots; resumes by shard."""
     rs_kd = mode == "rs-kd"
     sampler = {"num_draws": config.num_draws} if rs_kd else {"top_k": top_k, "ghost": True}
+    # rs-kd: all 4 layers of the demo teacher; of a given teacher cache-teacher's default (8 of SmolLM2's 30 layers),
+    # as each snapshotted layer costs the LRC student a clone-loss term.
+    layers = ({"snapshot_layers": "all"} if config.teacher is None else {}) if rs_kd else {"snapshot_layers": "none"}
     cache_config = CacheTeacherConfig(
-        teacher=teacher, tokens=tokens, out=out, mode=mode, **sampler,  # type: ignore[arg-type]
-        snapshot_fraction=config.snapshot_fraction,
-        # The demo teacher's 4 layers all, a given teacher's default subset (8 of SmolLM2's 30): each costs clone-loss time.
-        **({"snapshot_layers": "all"} if rs_kd and config.teacher is None else {} if rs_kd else {"snapshot_layers": "none"}),
-        seed=config.seed, device="cpu", sequences_per_shard=128,
+        teacher=teacher, tokens=tokens, out=out, mode=mode, **sampler, **layers,  # type: ignore[arg-type]
+        snapshot_fraction=config.snapshot_fraction, seed=config.seed, device="cpu", sequences_per_shard=128,
     )  # fmt: skip
     cache_teacher(cache_config, console=console)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import sysconfig
+from pathlib import Path
 
 import pytest
 import yaml
@@ -22,10 +24,21 @@ pytestmark = pytest.mark.real_teacher
 STUDENTS = ("lm_only", "top_k_kd", "rs_kd_kd", "lrc_clone_rs_kd")
 
 
+def _corpus(path: Path) -> Path:
+    """24 documents of ~600 characters (~200 tokens) of standard-library code: a val split of a few documents,
+    where the embedded corpus's hash split may put one long module (thousands of tokens) into val."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join((stdlib / name).read_text(encoding="utf-8") for name in ("colorsys.py", "bisect.py", "fnmatch.py", "shlex.py"))
+    chunks = [text[i : i + 600] for i in range(0, 600 * 24, 600)]
+    assert len(chunks[-1]) == 600
+    path.write_text("".join(json.dumps({"text": chunk}) + "\n" for chunk in chunks), encoding="utf-8")
+    return path
+
+
 def test_demo_with_the_packaged_teacher(real_teacher, tmp_path, capsys):
     out = tmp_path / "demo"
     code = in_process(
-        "demo", "--teacher", "smollm2", "--out", out, "--corpus-bytes", 40_000, "--val-fraction", 0.2, "--seq-len", 64,
+        "demo", "--teacher", "smollm2", "--out", out, "--corpus", _corpus(tmp_path / "corpus.jsonl"), "--val-fraction", 0.2, "--seq-len", 64,
         "--student-tokens", 384, "--student-batch-size", 2, "--eval-batches", 1,
     )  # fmt: skip
     printed = capsys.readouterr().out

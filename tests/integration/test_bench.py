@@ -173,6 +173,19 @@ def test_real_teacher_bench_writes_its_table_curves_and_verdicts(tmp_path: Path,
     assert sum(line.startswith("goal (") for line in table.splitlines()) == 2  # one verdict per LRC init
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # bench/lrc_init.py (the README's LRC-init table) on the bench's rs-kd cache: one JSON line per run.
+    rows = tmp_path / "lrc_init.jsonl"
+    for name, options in (("shared", ("--set", "tie_embeddings=false")), ("random", ("--set", "lrc_init=random", "--set", "lr=3e-4"))):
+        done = run_script("bench/lrc_init.py", "--cache", tmp_path / "work" / "cache-rs-kd", "--name", name, "--hidden-size", 32,
+                          "--steps", 2, "--batch-size", 2, "--held-out", 2, "--threads", 1, *options, "--out", rows)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    shared, random = (json.loads(line) for line in rows.read_text().splitlines())
+    assert (shared["name"], shared["head"], shared["config"]["lrc_init"], shared["config"]["lr"]) == ("shared", "untied", "shared", 3e-5)
+    assert (random["config"]["lrc_init"], random["config"]["lr"]) == ("random", 3e-4)
+    for row in (shared, random):
+        assert row["tokens"] == 2 * 2 * 64 and row["held_out_sequences"] == 2
+        assert all(math.isfinite(row[key]) and row[key] > 0 for key in ("before", "after")), row
+
 
 def test_summary_section_goes_first_and_is_replaced_in_place() -> None:
     suite = load_bench("suite")

@@ -1,6 +1,6 @@
 """A quality table from a real teacher: SmolLM2-135M-Instruct distilled into students at equal tokens.
 
-    python bench/real_teacher.py                      # 7 students x 24,576 tokens: ~20 min alone on 2 CPU cores (estimate)
+    python bench/real_teacher.py                      # 7 students x 24,576 tokens: 22 min alone on 2 CPU cores
     python bench/real_teacher.py --tokens 10240 --students plain_lm lrc_kd_shared   # a quick look
 
 Every other table in this repository comes from teachers kdpipe built itself; this one runs
@@ -26,12 +26,9 @@ ids (not the cache's estimate), expected calibration error and top-1 accuracy
 logged steps). The teacher's own LM loss and ECE on the same positions are the floor. The
 loss curve is each student's held-out LM loss logged by `train-student --eval-every`.
 
-Budget: the default, 24,576 tokens per student (12 steps of 4 x 512), is about the most that fits
-20 minutes on an otherwise idle 2-core CPU, from rates measured there: cache-teacher ~480 tokens/s
-(two caches of 61K tokens, ~4.3 min), LRC d_S 288 training ~230 tokens/s, the plain student ~1.1x
-faster (seconds per step in `bench/train.py --teacher smollm2`): 4 x 24,576 / 230 + 3 x 24,576 / 255
-s = 7.1 + 4.8 min, plus the evaluations (~3.5 min), ~20 min in all (an estimate from those rates, not
-one timed run).
+Budget: the default, 24,576 tokens per student (12 steps of 4 x 512), took 22.3 minutes on an otherwise
+idle 2-core CPU (2026-12-05): the two caches 339 s, each student 118-140 s with its evaluations, the
+float64 table 83 s (BENCHMARKS.md).
 On a busy machine, `--held-out 0` trains and exports only, so students can run in parallel processes
 sharing one `--work`; a last run naming all of them reuses their exports and makes the table.
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kdpipe.schemas.config import from_dict
 from kdpipe.schemas.train_config import TrainStudentConfig
 from kdpipe.student_train.parallelize import init_distributed
 from kdpipe.student_train.run import build_trainer
@@ -70,10 +71,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     tokens_NT = torch.from_numpy(cache.open_shard("val", 0).read(0, min(args.held_out, val)).tokens).long()
     fields = {name: parse_value(value) for name, value in (item.split("=", 1) for item in args.set)}
     with tempfile.TemporaryDirectory(prefix="kdpipe-lrc-init-") as tmp:
-        config = TrainStudentConfig(
-            cache=args.cache, out=Path(tmp) / "run", student="lrc", hidden_size=args.hidden_size, steps=args.steps,
-            batch_size=args.batch_size, eval_every=0, log_every=10, num_workers=0, device="cpu", seed=args.seed, **fields,
-        )  # fmt: skip
+        # from_dict, as for a --config file: an unknown field or a wrong type is one line naming it.
+        config = from_dict(TrainStudentConfig, {
+            "cache": args.cache, "out": Path(tmp) / "run", "student": "lrc", "hidden_size": args.hidden_size, "steps": args.steps,
+            "batch_size": args.batch_size, "eval_every": 0, "log_every": 10, "num_workers": 0, "device": "cpu", "seed": args.seed,
+            **fields,
+        }, where="--set")  # fmt: skip
         started = time.perf_counter()
         trainer = build_trainer(config, init_distributed("cpu"))
         build_s = time.perf_counter() - started

@@ -39,7 +39,7 @@ import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from kdpipe.demo.corpus import read_stdlib_sources, write_jsonl
 from kdpipe.demo.teacher import SUMMARY_FILE, DemoTeacherConfig, evaluate_loss, load_split, train_demo_teacher, train_demo_tokenizer
@@ -147,7 +147,8 @@ def _run_stages(config: DemoConfig, out: Path, console: Console, started: float)
     """corpus → teacher → student token store → the two caches → four students → report, in this order."""
     train_path, val_path = _corpus(config, out / "corpus", console)
     teacher_dir, teacher_val_loss = _teacher(config, out, train_path, val_path, console)
-    width = _student_width(config, teacher_dir, console)
+    teacher_config = AutoConfig.from_pretrained(str(teacher_dir)).get_text_config()
+    width = _student_width(config, teacher_config, console)
     student_train_path = _student_documents(config, teacher_dir, train_path, out / "corpus" / "student_train.jsonl", console)
     student_tokens = out / "student_tokens"
     _prepare(config, [student_train_path, val_path], teacher_dir, student_tokens, console)
@@ -163,7 +164,7 @@ def _run_stages(config: DemoConfig, out: Path, console: Console, started: float)
     caches = {"rs-kd": rs_kd, "top-k": top_k_cache}
     stats = {"rs-kd": rs_kd_stats, "top-k": cache_stats(top_k_cache)}
 
-    plain_config = _plain_student_config(teacher_dir, width, out / "runs" / "plain_student_config.json")
+    plain_config = _plain_student_config(teacher_config, width, out / "runs" / "plain_student_config.json")
     run_dirs = []
     for name, _, cache_mode, kind in _STUDENTS:
         run_dir = out / "runs" / name
@@ -259,14 +260,10 @@ def _teacher(config: DemoConfig, out: Path, train_path: Path, val_path: Path, co
     return teacher_dir, summary.val_loss
 
 
-def _student_width(config: DemoConfig, teacher: Path, console: Console) -> int:
+def _student_width(config: DemoConfig, teacher_config: PretrainedConfig, console: Console) -> int:
     """--student-hidden-size, or half the teacher's width; refused now, before any caching, if the family rejects it."""
-    teacher_config = AutoConfig.from_pretrained(str(teacher)).get_text_config()
     width = config.student_hidden_size or half_lrc_width(teacher_config)
-    try:
-        check_lrc_width(teacher_config, width, None)
-    except KdpipeError as err:
-        raise KdpipeError(str(err).replace("--hidden-size", "--student-hidden-size")) from None
+    check_lrc_width(teacher_config, width, None, option="--student-hidden-size")
     if config.student_hidden_size is None:
         console.print(f"students: width {width}, half the teacher's {teacher_config.hidden_size}", highlight=False)
     return width
@@ -338,9 +335,8 @@ def _cache(
     cache_teacher(cache_config, console=console)
 
 
-def _plain_student_config(teacher: Path, width: int, path: Path) -> Path:
+def _plain_student_config(teacher_config: PretrainedConfig, width: int, path: Path) -> Path:
     """The teacher's config at the student width: the shape an LRC student exports to (explicit head_dim)."""
-    teacher_config = AutoConfig.from_pretrained(str(teacher)).get_text_config()
     student = teacher_config.to_dict()
     student["head_dim"] = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // teacher_config.num_attention_heads
     student["hidden_size"] = width

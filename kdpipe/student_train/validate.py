@@ -63,8 +63,10 @@ def read_teacher_config(manifest: CacheManifest) -> PretrainedConfig:
         raise KdpipeError(f"teacher {path}: its config.json cannot be read ({_problem(err)}); restore the teacher") from None
 
 
-def check_lrc_width(teacher_config: PretrainedConfig, hidden_size: int, tie_embeddings: bool | None) -> None:
-    """Refuse an LRC width d_S that is not below d_T or that the teacher family's config rejects."""
+def check_lrc_width(
+    teacher_config: PretrainedConfig, hidden_size: int, tie_embeddings: bool | None, *, option: str = "--hidden-size"
+) -> None:
+    """Refuse an LRC width d_S that is not below d_T or that the teacher family's config rejects (naming `option`)."""
     model_type = teacher_config.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise KdpipeError(
@@ -79,14 +81,14 @@ def check_lrc_width(teacher_config: PretrainedConfig, hidden_size: int, tie_embe
     if not 1 <= hidden_size < d_T:
         widest = nearest_accepted(lambda w: problem(w) is None, d_T - 1, low=1, high=d_T - 1)
         raise KdpipeError(
-            f"--hidden-size {hidden_size}: an LRC student must be narrower than its teacher (hidden size {d_T}); "
+            f"{option} {hidden_size}: an LRC student must be narrower than its teacher (hidden size {d_T}); "
             f"the widest valid one is {widest[0]}"
         )
     refused = problem(hidden_size)
     if refused is not None:
         near = nearest_accepted(lambda w: problem(w) is None, hidden_size, low=1, high=d_T - 1)
         raise KdpipeError(
-            f"--hidden-size {hidden_size}: transformers refuses a {model_type} student of that width ({refused}); "
+            f"{option} {hidden_size}: transformers refuses a {model_type} student of that width ({refused}); "
             f"nearest valid widths: {', '.join(map(str, near))}"
         )
 
